@@ -1,0 +1,92 @@
+"""SiLU-and-mul, the gated activation between the two expert GEMMs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import reference, validation
+from .arrays import empty, from_device, to_device, to_host
+from .device import is_device_array, placement, returns_numpy
+
+
+def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) -> None:
+    """``gate_output <- silu(gate_output) * up_output``, in place (seed signature).
+
+    Args:
+        gate_output: [..., I] float32/float16/bfloat16, overwritten with the result.
+        up_output: same shape as ``gate_output``, any of the three float kinds.
+        device: where NumPy inputs run.
+    """
+    gate_kind = validation.float_array("gate_output", gate_output)
+    up_kind = validation.float_array("up_output", up_output)
+    validation.shape("up_output", up_output, tuple(gate_output.shape), "gate_output's shape")
+    if isinstance(gate_output, np.ndarray) and not gate_output.flags.writeable:
+        raise ValueError("gate_output is read-only; silu_and_mul_moe writes it in place")
+    arrays = {"gate_output": gate_output, "up_output": up_output}
+    queue = placement(arrays, {gate_kind, up_kind}, device)
+    if queue is None:
+        reference.silu_and_mul_moe(gate_output, to_host(up_output))
+        return
+    if gate_output.size == 0:
+        return
+    from .kernels.activation import make_silu_and_mul_kernel
+
+    d = gate_output.shape[-1]
+    gate = to_device(gate_output, queue)
+    # a contiguous dpnp gate_output is its own storage: the kernel writes straight into it
+    in_place = is_device_array(gate_output) and gate_output.flags.c_contiguous
+    result = gate if in_place else empty(gate.shape, gate_kind, queue)
+    make_silu_and_mul_kernel(gate_kind, up_kind, gate_kind)(
+        gate.reshape(-1), to_device(up_output, queue).reshape(-1), result.reshape(-1),
+        gate_output.size // d, d, d, d, 0,
+    )
+    if not in_place:
+        back = from_device(result, gate_kind, returns_numpy({"gate_output": gate_output}))
+        gate_output[...] = back
+
+
+def silu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d] (vLLM's convention).
+
+    Args:
+        x: [..., 2d] float32/float16/bfloat16.
+        out: optional [..., d] array of x's dtype to write into (same kind of array as x).
+        device: where NumPy inputs run.
+
+    Returns:
+        ``out`` or a new [..., d] array of x's dtype.
+    """
+    kind = validation.float_array("x", x)
+    if x.ndim == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last dimension [..., 2d], got shape {tuple(x.shape)}")
+    d = x.shape[-1] // 2
+    out_shape = tuple(x.shape[:-1]) + (d,)
+    if out is not None:
+        out_kind = validation.float_array("out", out)
+        validation.shape("out", out, out_shape, "[..., d]")
+        if out_kind != kind:
+            raise TypeError(f"out must have x's dtype ({kind}), got {out.dtype}")
+        if is_device_array(out) != is_device_array(x):
+            raise TypeError("out must be the same kind of array as x (both NumPy or both dpnp)")
+        if isinstance(out, np.ndarray) and not out.flags.writeable:
+            raise ValueError("out is read-only")
+    arrays = {"x": x} if out is None else {"x": x, "out": out}
+    queue = placement(arrays, {kind}, device)
+    if queue is None:
+        result = reference.silu_and_mul(to_host(x))
+    else:
+        from .kernels.activation import make_silu_and_mul_kernel
+
+        src = to_device(x, queue)
+        dst = empty(out_shape, kind, queue)
+        if dst.size:
+            make_silu_and_mul_kernel(kind, kind, kind)(
+                src.reshape(-1), src.reshape(-1), dst.reshape(-1), dst.size // d, d, 2 * d, 2 * d, d,
+            )
+        result = from_device(dst, kind, returns_numpy({"x": x}))
+    if out is None:
+        return result
+    out[...] = result
+    return out

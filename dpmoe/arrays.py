@@ -1,0 +1,105 @@
+"""Float storage kinds and moving arrays between the host and a SYCL queue.
+
+dpmoe computes in float32 and stores float32, float16 or bfloat16. Neither NumPy nor dpnp
+has bfloat16 (``ml_dtypes.bfloat16`` gives it on the host), and numba-dpex cannot type
+float16 inside device functions, so on the device both 16-bit kinds travel as ``uint16``
+bit patterns and kernels widen/narrow them in registers (:mod:`dpmoe.kernels.numerics`).
+A dpnp ``uint16`` array passed where floats are expected is read as bfloat16 bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .device import dpnp, is_device_array
+
+FLOAT_KINDS = ("float32", "float16", "bfloat16")
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+HOST_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BFLOAT16}
+
+
+def float_kind(name: str, a: Any) -> str:
+    """The storage kind of a float array; TypeError naming ``name`` otherwise."""
+    dt = np.dtype(a.dtype)
+    if dt == BFLOAT16 or (is_device_array(a) and dt == np.uint16):
+        return "bfloat16"
+    if dt in (np.float32, np.float16):
+        return dt.name
+    raise TypeError(
+        f"{name} must have dtype float32, float16 or bfloat16 "
+        f"(bfloat16 as ml_dtypes.bfloat16 on the host, uint16 bits in dpnp), got {dt}"
+    )
+
+
+def _reinterpret(d: Any, dtype: Any) -> Any:
+    """The same device memory seen as another 2-byte dtype (no copy)."""
+    import dpctl.tensor as dpt
+
+    usm = d.get_array()
+    view = dpt.usm_ndarray(usm.shape, dtype=dtype, buffer=usm.usm_data, offset=usm._element_offset)
+    return dpnp.asarray(view)
+
+
+def to_device(a: Any, queue: Any) -> Any:
+    """A C-contiguous dpnp array on ``queue``; 16-bit floats become uint16 bits."""
+    if is_device_array(a):
+        d = dpnp.ascontiguousarray(a)
+        return _reinterpret(d, np.uint16) if d.dtype == np.float16 else d
+    h = np.ascontiguousarray(a)
+    if h.dtype in (np.float16, BFLOAT16):
+        h = h.view(np.uint16)
+    return dpnp.asarray(h, sycl_queue=queue)
+
+
+def from_device(d: Any, kind: str, as_numpy: bool) -> Any:
+    """Back from storage form: a NumPy array of ``kind``, or a dpnp array (bf16 stays bits)."""
+    if as_numpy:
+        h = dpnp.asnumpy(d)
+        return h.view(HOST_DTYPE[kind]) if kind != "float32" else h
+    return _reinterpret(d, np.float16) if kind == "float16" else d
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A NumPy array (dpnp bf16 bits become ml_dtypes.bfloat16)."""
+    if not is_device_array(a):
+        return np.asarray(a)
+    if a.dtype == np.float16:
+        return dpnp.asnumpy(a)
+    h = dpnp.asnumpy(a)
+    return h.view(BFLOAT16) if h.dtype == np.uint16 else h
+
+
+def empty(shape: tuple[int, ...], kind: str, queue: Any) -> Any:
+    """An uninitialised device array in storage form."""
+    return dpnp.empty(shape, dtype=np.float32 if kind == "float32" else np.uint16, sycl_queue=queue)
+
+
+def ids_to_device(a: Any, queue: Any) -> Any:
+    """Expert ids as a flat int32 dpnp array on ``queue`` (ids were range-checked)."""
+    if is_device_array(a):
+        return dpnp.ascontiguousarray(a.astype(np.int32, copy=False)).reshape(-1)
+    return dpnp.asarray(np.ascontiguousarray(a, dtype=np.int32).reshape(-1), sycl_queue=queue)
+
+
+def weights_to_device(a: Any, queue: Any) -> Any:
+    """Routing weights as a flat float32 dpnp array on ``queue``."""
+    if not is_device_array(a):
+        return dpnp.asarray(np.ascontiguousarray(a, dtype=np.float32).reshape(-1), sycl_queue=queue)
+    if a.dtype == np.uint16:  # bfloat16 bits
+        return widen(to_device(a, queue).reshape(-1), "bfloat16")
+    return dpnp.ascontiguousarray(a.astype(np.float32, copy=False)).reshape(-1)
+
+
+def widen(d: Any, kind: str) -> Any:
+    """A float32 copy of a device array in storage form (the array itself when float32)."""
+    if kind == "float32":
+        return d
+    from .kernels.gather import make_widen_kernel
+
+    out = dpnp.empty(d.shape, dtype=np.float32, sycl_queue=d.sycl_queue)
+    if d.size:
+        make_widen_kernel(kind)(d.reshape(-1), out.reshape(-1))
+    return out

@@ -1,0 +1,187 @@
+"""The fused MoE forward: routing metadata -> gate/up GEMM + SiLU-mul -> down GEMM -> weighted sum.
+
+Two execution paths give the same result (within float32 rounding):
+
+- grouped (``use_grouped_topk=True``): align slots by expert, gather token rows, three
+  oneMKL batched GEMMs (gate, up, down) with the SiLU-mul kernel between them, then the
+  weighted reduction kernel;
+- per-token (``use_grouped_topk=False``): two fused GEMV kernels that read each routed
+  expert's weights in place, the second one also doing the weighted reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import reference, validation
+from .alignment import align_on_device
+from .arrays import empty, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
+from .device import dpnp, placement, returns_numpy
+from .grouped_gemm import DEFAULT_BLOCK_SIZE, expert_matmul, gather_rows, plan_layout
+from .reduction import weighted_sum
+
+
+class ExpertWeights:
+    """Gate [E, H, I], up [E, H, I] and down [E, I, H] weights on one queue, in storage form.
+
+    The grouped path needs float32 matrices for oneMKL; for 16-bit weights they are widened
+    on first use and, when ``keep_float32`` is set (a layer that reuses its weights), kept.
+    """
+
+    def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, keep_float32: bool):
+        self.gate, self.up, self.down = (to_device(w, queue) for w in (gate, up, down))
+        self.kind = kind
+        self.keep_float32 = keep_float32
+        self._float32: tuple | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, H, I)."""
+        return tuple(self.gate.shape)
+
+    def float32(self) -> tuple[Any, Any, Any]:
+        if self._float32 is not None:
+            return self._float32
+        widened = tuple(widen(w, self.kind) for w in (self.gate, self.up, self.down))
+        if self.keep_float32:
+            self._float32 = widened
+        return widened
+
+
+def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
+                 top_k: int, renormalize: bool, out: Any) -> None:
+    from .kernels.activation import make_silu_and_mul_kernel
+
+    num_experts, _, inter = experts.shape
+    layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
+                         num_experts, DEFAULT_BLOCK_SIZE)
+    gate_w, up_w, down_w = experts.float32()
+    rows = gather_rows(x, x_kind, layout, top_k)
+    gate = expert_matmul(rows, gate_w, layout)
+    up = expert_matmul(rows, up_w, layout)
+    make_silu_and_mul_kernel("float32", "float32", "float32")(
+        gate.reshape(-1), up.reshape(-1), gate.reshape(-1), layout.n_rows, inter, inter, inter, 0
+    )
+    down = expert_matmul(gate, down_w, layout)
+    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, x_kind, top_k, renormalize)
+
+
+def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
+                   top_k: int, renormalize: bool, out: Any) -> None:
+    from .kernels.gemv import make_down_gemv_sum_kernel, make_gate_up_gemv_kernel
+
+    _, hidden, inter = experts.shape
+    num_tokens = x.shape[0]
+    n_slots = num_tokens * top_k
+    act = dpnp.empty(n_slots * inter, dtype=np.float32, sycl_queue=x.sycl_queue)
+    make_gate_up_gemv_kernel(x_kind, experts.kind)(
+        x.reshape(-1), experts.gate.reshape(-1), experts.up.reshape(-1), ids, act,
+        n_slots, hidden, inter, top_k,
+    )
+    make_down_gemv_sum_kernel(experts.kind, x_kind)(
+        act, experts.down.reshape(-1), weights, ids, out.reshape(-1), num_tokens, hidden, inter,
+        top_k, renormalize,
+    )
+
+
+def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any,
+                  topk_indices: Any, top_k: int, renormalize: bool, grouped: bool) -> Any:
+    """The forward on validated inputs; ``x`` in storage form on the experts' queue.
+
+    Returns a new [T, H] device array in storage form of ``x_kind``.
+    """
+    queue = x.sycl_queue
+    out = empty(tuple(x.shape), x_kind, queue)
+    if x.shape[0] == 0:
+        return out
+    ids = ids_to_device(topk_indices, queue)
+    weights = weights_to_device(topk_weights, queue)
+    run = _run_grouped if grouped else _run_per_token
+    run(x, x_kind, experts, weights, ids, top_k, renormalize, out)
+    return out
+
+
+def check_experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
+    """Validates the three expert weight stacks; returns their shared storage kind."""
+    kind = validation.float_array("gate_weights", gate_weights, 3)
+    num_experts, hidden, inter = gate_weights.shape
+    if min(num_experts, hidden, inter) == 0:
+        raise ValueError(f"gate_weights must have non-zero [E, H, I], got {tuple(gate_weights.shape)}")
+    for name, w, expected, meaning in (
+        ("up_weights", up_weights, (num_experts, hidden, inter), "[E, H, I] like gate_weights"),
+        ("down_weights", down_weights, (num_experts, inter, hidden), "[E, I, H]"),
+    ):
+        if validation.float_array(name, w, 3) != kind:
+            raise TypeError(f"{name} must have gate_weights' dtype ({gate_weights.dtype}), got {w.dtype}")
+        validation.shape(name, w, expected, meaning)
+    return kind
+
+
+def fused_moe_forward(
+    hidden_states: Any,
+    gate_weights: Any,
+    up_weights: Any,
+    down_weights: Any,
+    topk_weights: Any,
+    topk_indices: Any,
+    top_k: int = 2,
+    renormalize: bool = True,
+    inplace: bool = False,
+    use_grouped_topk: bool = True,
+    *,
+    device: Any = None,
+) -> Any:
+    """The whole MoE expert computation for routed tokens.
+
+    ``out[t] = sum_j w[t, j] * down_e(silu(x_t @ gate_e) * (x_t @ up_e))`` with
+    ``e = topk_indices[t, j]`` and ``w`` renormalized to sum 1 per token when ``renormalize``.
+
+    Args:
+        hidden_states: [T, H] float32/float16/bfloat16 tokens.
+        gate_weights, up_weights: [E, H, I] expert weights; down_weights: [E, I, H]; all
+            three of one dtype (float32/float16/bfloat16, may differ from hidden_states').
+        topk_weights: [T, top_k] float routing weights.
+        topk_indices: [T, top_k] int32/int64 expert ids in ``[0, E)``.
+        top_k: experts per token, 1 <= top_k <= E.
+        renormalize: divide each token's weights by their sum.
+        inplace: write the result into ``hidden_states`` and return it.
+        use_grouped_topk: True for the grouped (aligned, batched GEMM) path, False for the
+            per-token GEMV path; both give the same result.
+        device: where NumPy inputs run.
+
+    Returns:
+        [T, H] array of hidden_states' dtype (NumPy for NumPy inputs, dpnp otherwise).
+    """
+    x_kind = validation.float_array("hidden_states", hidden_states, 2)
+    w_kind = check_experts(gate_weights, up_weights, down_weights)
+    num_experts, hidden, _ = gate_weights.shape
+    num_tokens = hidden_states.shape[0]
+    if hidden_states.shape[1] != hidden:
+        raise ValueError(f"hidden_states must have shape [T, H] with H = {hidden} "
+                         f"(gate_weights' dim 1), got {tuple(hidden_states.shape)}")
+    top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    validation.routing_weights("topk_weights", topk_weights, (num_tokens, top_k))
+    validation.expert_ids("topk_indices", topk_indices, (num_tokens, top_k), num_experts)
+    if inplace and isinstance(hidden_states, np.ndarray) and not hidden_states.flags.writeable:
+        raise ValueError("hidden_states is read-only; inplace=True writes the result there")
+    arrays = {"hidden_states": hidden_states, "gate_weights": gate_weights,
+              "up_weights": up_weights, "down_weights": down_weights,
+              "topk_weights": topk_weights, "topk_indices": topk_indices}
+    queue = placement(arrays, {x_kind, w_kind}, device)
+    if queue is None:
+        result = reference.fused_moe_forward(
+            to_host(hidden_states), to_host(gate_weights), to_host(up_weights),
+            to_host(down_weights), to_host(topk_weights), to_host(topk_indices), top_k,
+            renormalize)
+    else:
+        experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
+                                keep_float32=False)
+        out = run_on_device(to_device(hidden_states, queue), x_kind, experts, topk_weights,
+                            topk_indices, top_k, renormalize, use_grouped_topk)
+        result = from_device(out, x_kind, returns_numpy(arrays))
+    if not inplace:
+        return result
+    hidden_states[...] = to_host(result) if isinstance(hidden_states, np.ndarray) else result
+    return hidden_states

@@ -1,0 +1,147 @@
+"""Grouped GEMM: every routing slot's row times its expert's matrix, via oneMKL batched GEMM.
+
+After alignment, slots are gathered into float32 rows grouped by expert, and the products
+go through ``dpnp.matmul`` (oneMKL) in one of two layouts:
+
+- stacked: each expert gets M = max slots per expert rows, and one batched GEMM
+  ``[E, M, K] @ [E, K, N]`` covers all experts (one launch; computes E*M rows);
+- per expert: the block-aligned rows of each expert with slots, one GEMM per expert
+  (no wasted rows; one launch per active expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import reference, validation
+from .alignment import Alignment, align_on_device
+from .arrays import empty, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
+from .device import dpnp, is_device_array, placement
+from .reduction import weighted_sum
+
+# A stacked batched GEMM is one launch but computes E*M rows; per-expert GEMMs compute only
+# the routed rows but cost a launch each (0.1-0.2 ms on the CPU device). Stack while the
+# padding at most doubles the rows. Re-tune with the benchmark when the launch cost changes.
+STACK_PADDING_LIMIT = 2.0
+# Rows per alignment block on the grouped path (only the per-expert layout uses blocks).
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class GroupedLayout:
+    """Where each routing slot's row lives in the grouped float32 row buffer."""
+
+    row_of_slot: Any  # (n_slots) int32 device array
+    n_rows: int  # rows of the buffer
+    rows_per_expert: int  # M when stacked, 0 for the per-expert layout
+    segments: list  # per-expert layout: (expert, first row, rows) for experts with slots
+
+
+def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int) -> GroupedLayout:
+    counts = dpnp.asnumpy(aligned.counts)  # one small copy: layouts are sized on the host
+    n_slots = int(counts.sum())
+    most = int(counts.max())
+    if num_experts * most <= STACK_PADDING_LIMIT * n_slots:
+        rows = ids * most + aligned.ranks
+        return GroupedLayout(rows.astype(np.int32), num_experts * most, most, [])
+    padded = -(-counts // block_size) * block_size
+    starts = np.concatenate(([0], np.cumsum(padded)[:-1]))
+    segments = [(e, int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
+    return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments)
+
+
+def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int) -> Any:
+    """Token rows [T, K] (any kind) -> float32 rows [n_rows, K] in ``layout``."""
+    from .kernels.gather import make_gather_rows_kernel
+
+    n_slots, row_len = layout.row_of_slot.shape[0], src.shape[-1]
+    rows = dpnp.empty((layout.n_rows, row_len), dtype=np.float32, sycl_queue=src.sycl_queue)
+    make_gather_rows_kernel(src_kind)(
+        src.reshape(-1), layout.row_of_slot, rows.reshape(-1), n_slots, row_len, top_k
+    )
+    return rows
+
+
+def expert_matmul(rows: Any, weights: Any, layout: GroupedLayout) -> Any:
+    """float32 rows [n_rows, K] times float32 ``weights`` [E, K, N] in ``layout``."""
+    n_cols = weights.shape[2]
+    if layout.rows_per_expert:
+        stacked = rows.reshape(weights.shape[0], layout.rows_per_expert, rows.shape[1])
+        return dpnp.matmul(stacked, weights).reshape(layout.n_rows, n_cols)
+    out = dpnp.empty((layout.n_rows, n_cols), dtype=np.float32, sycl_queue=rows.sycl_queue)
+    for expert, first, count in layout.segments:
+        dpnp.matmul(rows[first : first + count], weights[expert], out=out[first : first + count])
+    return out
+
+
+def grouped_gemm_moe(
+    A: Any,
+    B: Any,
+    C: Any,
+    D: Any,
+    topk_weights: Any,
+    topk_indices: Any,
+    top_k: int,
+    trans_b: bool = False,
+    *,
+    device: Any = None,
+) -> None:
+    """``D[t] = sum_j w[t, j] * (A[t] @ B[e_tj] + C[e_tj])``, written into ``D`` in place.
+
+    Args:
+        A: [T, K] float32/float16/bfloat16 token rows.
+        B: [E, K, N] expert matrices, or [E, N, K] with ``trans_b=True``.
+        C: optional [E, N] bias, or None.
+        D: [T, N] output (any of the three float kinds), overwritten.
+        topk_weights: [T, top_k] float weights (used as given, not renormalized).
+        topk_indices: [T, top_k] int32/int64 expert ids in ``[0, E)``.
+        top_k: experts per token.
+        trans_b: B is stored [E, N, K].
+        device: where NumPy inputs run.
+    """
+    a_kind = validation.float_array("A", A, 2)
+    b_kind = validation.float_array("B", B, 3)
+    d_kind = validation.float_array("D", D, 2)
+    num_tokens, k_dim = A.shape
+    num_experts = B.shape[0]
+    n_dim, b_k = (B.shape[1], B.shape[2]) if trans_b else (B.shape[2], B.shape[1])
+    if b_k != k_dim:
+        layout = "[E, N, K]" if trans_b else "[E, K, N]"
+        raise ValueError(f"B must have shape {layout} with K = A.shape[1] = {k_dim}, got {tuple(B.shape)}")
+    if num_experts == 0:
+        raise ValueError("B must hold at least one expert, got shape " f"{tuple(B.shape)}")
+    kinds = {a_kind, b_kind, d_kind}
+    if C is not None:
+        c_kind = validation.float_array("C", C, 2)
+        validation.shape("C", C, (num_experts, n_dim), "[E, N]")
+        kinds.add(c_kind)
+    validation.shape("D", D, (num_tokens, n_dim), "[T, N]")
+    if isinstance(D, np.ndarray) and not D.flags.writeable:
+        raise ValueError("D is read-only; grouped_gemm_moe writes its result there")
+    top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    validation.routing_weights("topk_weights", topk_weights, (num_tokens, top_k))
+    validation.expert_ids("topk_indices", topk_indices, (num_tokens, top_k), num_experts)
+    arrays = {"A": A, "B": B, "C": C, "D": D, "topk_weights": topk_weights,
+              "topk_indices": topk_indices}
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    queue = placement(arrays, kinds, device)
+    if queue is None:
+        reference.grouped_gemm_moe(to_host(A), to_host(B), None if C is None else to_host(C), D,
+                                   to_host(topk_weights), to_host(topk_indices), top_k, trans_b)
+        return
+    if num_tokens == 0:
+        return
+    ids = ids_to_device(topk_indices, queue)
+    layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
+                         num_experts, DEFAULT_BLOCK_SIZE)
+    rows = gather_rows(to_device(A, queue), a_kind, layout, top_k)
+    b32 = widen(to_device(B, queue), b_kind)
+    products = expert_matmul(rows, b32.transpose((0, 2, 1)) if trans_b else b32, layout)
+    result = empty((num_tokens, n_dim), d_kind, queue)
+    weighted_sum(products, "float32", layout.row_of_slot, weights_to_device(topk_weights, queue),
+                 ids, result, d_kind, top_k, False,
+                 None if C is None else to_device(C, queue), c_kind if C is not None else "float32")
+    D[...] = from_device(result, d_kind, not is_device_array(D))

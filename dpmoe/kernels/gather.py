@@ -1,0 +1,50 @@
+"""Moving rows into the layouts the batched GEMM wants, widened to float32."""
+
+from functools import lru_cache
+
+import numba_dpex as dpex
+from numba_dpex import kernel_api as kapi
+
+from .numerics import loader
+
+
+@lru_cache(maxsize=None)
+def make_gather_rows_kernel(src_kind: str):
+    load = loader(src_kind)
+
+    @dpex.kernel
+    def gather_rows_kernel(
+        item: kapi.Item,
+        src,  # IN  (T * K) any float kind, token rows
+        row_of_slot,  # IN  (n_slots) int32 destination row of each slot
+        dst,  # OUT (rows * K) float32; rows no slot maps to are left untouched
+        row_len,
+        top_k,
+    ):
+        i = item.get_id(0)
+        slot = i // row_len
+        col = i - slot * row_len
+        dst[row_of_slot[slot] * row_len + col] = load(src, (slot // top_k) * row_len + col)
+
+    def launch(src, row_of_slot, dst, n_slots, row_len, top_k):
+        dpex.call_kernel(
+            gather_rows_kernel, dpex.Range(n_slots * row_len), src, row_of_slot, dst,
+            row_len, top_k,
+        )
+
+    return launch
+
+
+@lru_cache(maxsize=None)
+def make_widen_kernel(src_kind: str):
+    load = loader(src_kind)
+
+    @dpex.kernel
+    def widen_kernel(item: kapi.Item, src, dst):
+        i = item.get_id(0)
+        dst[i] = load(src, i)
+
+    def launch(src, dst):
+        dpex.call_kernel(widen_kernel, dpex.Range(src.shape[0]), src, dst)
+
+    return launch

@@ -1,0 +1,105 @@
+"""Loading and storing float32/float16/bfloat16 elements inside kernels.
+
+16-bit floats live in ``uint16`` arrays (see :mod:`dpmoe.arrays`); these device functions
+widen them to float32 on load and round to nearest even on store. :func:`loader` and
+:func:`storer` pick the pair for a storage kind at factory time, so a kernel is written
+once and specialised per kind.
+"""
+
+import numpy as np
+import numba_dpex as dpex
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_as_bits(typingctx, value):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, bits):
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, value):
+    # fptrunc rounds to nearest even, overflows to inf and keeps NaN, like NumPy's cast
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@dpex.device_func
+def load_float32(a, i):
+    return a[i]
+
+
+@dpex.device_func
+def store_float32(a, i, v):
+    a[i] = v
+
+
+@dpex.device_func
+def load_float16(a, i):
+    return _half_bits_to_f32(a[i])
+
+
+@dpex.device_func
+def store_float16(a, i, v):
+    a[i] = _f32_to_half_bits(v)
+
+
+@dpex.device_func
+def load_bfloat16(a, i):
+    # numba promotes uint16 << 16 to 64 bits; the bitcast needs exactly 32
+    return _bits_as_f32(np.uint32(np.uint32(a[i]) << np.uint32(16)))
+
+
+@dpex.device_func
+def store_bfloat16(a, i, v):
+    bits = _f32_as_bits(v)
+    if v != v:
+        # keep NaN a NaN (a quiet one) instead of letting rounding carry into inf
+        a[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    else:
+        rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        a[i] = np.uint16((bits + rounding) >> np.uint32(16))
+
+
+_LOADERS = {"float32": load_float32, "float16": load_float16, "bfloat16": load_bfloat16}
+_STORERS = {"float32": store_float32, "float16": store_float16, "bfloat16": store_bfloat16}
+
+
+def loader(kind: str):
+    """The device function ``load(a, i) -> float32`` for storage kind ``kind``."""
+    return _LOADERS[kind]
+
+
+def storer(kind: str):
+    """The device function ``store(a, i, value_f32)`` for storage kind ``kind``."""
+    return _STORERS[kind]

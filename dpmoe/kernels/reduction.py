@@ -1,0 +1,56 @@
+"""Weighted reduction of the k expert rows of each token, in slot order (no atomics)."""
+
+from functools import lru_cache
+
+import numpy as np
+import numba_dpex as dpex
+from numba_dpex import kernel_api as kapi
+
+from .numerics import loader, storer
+
+
+@lru_cache(maxsize=None)
+def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
+    load_row = loader(rows_kind)
+    load_bias = loader(bias_kind)
+    store = storer(out_kind)
+
+    @dpex.kernel
+    def weighted_sum_kernel(
+        item: kapi.Item,
+        rows,  # IN  (n_rows * N) expert outputs, any float kind
+        row_of_slot,  # IN  (T * k) int32 row of each slot in ``rows``
+        weights,  # IN  (T * k) float32
+        ids,  # IN  (T * k) int32 expert of each slot (for the bias)
+        bias,  # IN  (E * N) any float kind, read only when has_bias
+        out,  # OUT (T * N)
+        n_cols,
+        top_k,
+        has_bias,
+        renormalize,
+    ):
+        i = item.get_id(0)
+        t = i // n_cols
+        col = i - t * n_cols
+        total = np.float32(1.0)  # dividing by 1 is exact: one code path for both cases
+        if renormalize != 0:
+            total = np.float32(0.0)
+            for j in range(top_k):
+                total += weights[t * top_k + j]
+        acc = np.float32(0.0)
+        for j in range(top_k):
+            s = t * top_k + j
+            v = load_row(rows, row_of_slot[s] * n_cols + col)
+            if has_bias != 0:
+                v += load_bias(bias, ids[s] * n_cols + col)
+            acc += (weights[s] / total) * v
+        store(out, i, acc)
+
+    def launch(rows, row_of_slot, weights, ids, bias, out, num_tokens, n_cols, top_k,
+               has_bias, renormalize):
+        dpex.call_kernel(
+            weighted_sum_kernel, dpex.Range(num_tokens * n_cols), rows, row_of_slot,
+            weights, ids, bias, out, n_cols, top_k, int(has_bias), int(renormalize),
+        )
+
+    return launch

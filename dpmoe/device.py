@@ -35,7 +35,6 @@ except (ImportError, OSError) as exc:  # pragma: no cover - depends on the envir
         _STACK_ERROR += f"; {RUNTIME_SETUP.problem}"
 
 _lock = threading.Lock()
-_queues: dict[str, Any] = {}
 _warned: set[str] = set()
 
 
@@ -54,27 +53,20 @@ def _device_spec(device: Any) -> Any:
 
 
 def _queue_for(spec: Any) -> Any:
-    """A cached queue for ``spec``; raises ValueError when dpctl cannot select it."""
+    """dpctl's cached queue for ``spec`` (the one dpnp uses for that device, so arrays the
+    user makes with dpnp and arrays dpmoe makes share it); ValueError when none matches."""
+    from dpctl._sycl_queue_manager import get_device_cached_queue
+
     if isinstance(spec, dpctl.SyclQueue):
         return spec
-    if isinstance(spec, dpctl.SyclDevice):
-        key = spec.filter_string
-    elif spec is None:
-        key = ""
-    elif isinstance(spec, str):
-        key = spec
-    else:
-        raise TypeError(
-            "device must be a dpctl filter string, dpctl.SyclDevice or dpctl.SyclQueue, "
-            f"got {type(spec).__name__}"
-        )
-    with _lock:
-        if key not in _queues:
-            dev = spec if isinstance(spec, dpctl.SyclDevice) else (
-                dpctl.SyclDevice(key) if key else dpctl.select_default_device()
-            )
-            _queues[key] = dpctl.SyclQueue(dev)
-        return _queues[key]
+    if spec is None:
+        return get_device_cached_queue(dpctl.select_default_device())
+    if isinstance(spec, (str, dpctl.SyclDevice)):
+        return get_device_cached_queue(spec)
+    raise TypeError(
+        "device must be a dpctl filter string, dpctl.SyclDevice or dpctl.SyclQueue, "
+        f"got {type(spec).__name__}"
+    )
 
 
 def default_queue(device: Any = None) -> tuple[Any, str | None]:

@@ -1,0 +1,114 @@
+"""Bad input: a TypeError/ValueError naming the argument, before any kernel runs."""
+
+import numpy as np
+import pytest
+from conftest import normal
+
+import dpmoe
+
+T, H, I, E, K = 6, 16, 8, 4, 2
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    return {
+        "hidden_states": normal(rng, (T, H)),
+        "gate_weights": normal(rng, (E, H, I)),
+        "up_weights": normal(rng, (E, H, I)),
+        "down_weights": normal(rng, (E, I, H)),
+        "topk_weights": rng.random((T, K), dtype=np.float32),
+        "topk_indices": np.array([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]], np.int32),
+        "top_k": K,
+    }
+
+
+def with_(problem, **changes):
+    return {**problem, **changes}
+
+
+FUSED_BAD = [
+    # (argument that is wrong, replacement, exception, what the message names)
+    ("hidden_states", np.zeros((T, H, 1), np.float32), ValueError, "hidden_states"),
+    ("hidden_states", np.zeros((T, H + 1), np.float32), ValueError, "hidden_states"),
+    ("hidden_states", np.zeros((T, H), np.float64), TypeError, "hidden_states"),
+    ("hidden_states", np.zeros((T, H), np.int32), TypeError, "hidden_states"),
+    ("hidden_states", [[0.0] * H] * T, TypeError, "hidden_states"),
+    ("gate_weights", np.zeros((E, H), np.float32), ValueError, "gate_weights"),
+    ("up_weights", np.zeros((E, H, I + 1), np.float32), ValueError, "up_weights"),
+    ("up_weights", np.zeros((E, H, I), np.float16), TypeError, "up_weights"),
+    ("down_weights", np.zeros((E, H, I), np.float32), ValueError, "down_weights"),
+    ("down_weights", np.zeros((E + 1, I, H), np.float32), ValueError, "down_weights"),
+    ("top_k", 0, ValueError, "top_k"),
+    ("top_k", E + 1, ValueError, "top_k"),
+    ("top_k", 2.0, TypeError, "top_k"),
+    ("top_k", float("nan"), ValueError, "top_k"),
+    ("top_k", 3, ValueError, "topk_weights"),  # shapes not [T, top_k]
+    ("topk_weights", np.ones((T, K + 1), np.float32), ValueError, "topk_weights"),
+    ("topk_weights", np.ones((T, K), np.int32), TypeError, "topk_weights"),
+    ("topk_indices", np.ones((T + 1, K), np.int32), ValueError, "topk_indices"),
+    ("topk_indices", np.ones((T, K), np.float32), TypeError, "topk_indices"),
+    ("topk_indices", np.full((T, K), E, np.int32), ValueError, "topk_indices"),
+    ("topk_indices", np.full((T, K), -1, np.int64), ValueError, "topk_indices"),
+]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-token"])
+@pytest.mark.parametrize("name, value, error, names", FUSED_BAD)
+def test_fused_moe_forward_rejects(problem, grouped, name, value, error, names):
+    before = {k: v.copy() for k, v in problem.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=names):
+        dpmoe.fused_moe_forward(**with_(problem, **{name: value}), inplace=True,
+                                use_grouped_topk=grouped)
+    for k, v in before.items():
+        np.testing.assert_array_equal(problem[k], v)
+
+
+def test_read_only_output_refused(problem):
+    problem["hidden_states"].flags.writeable = False
+    with pytest.raises(ValueError, match="hidden_states"):
+        dpmoe.fused_moe_forward(**problem, inplace=True)
+
+
+@pytest.mark.parametrize(
+    "call, error, names",
+    [
+        (lambda: dpmoe.topk_softmax(np.zeros((3, 4), np.float32), 5), ValueError, "top_k"),
+        (lambda: dpmoe.topk_softmax(np.zeros((3, 4), np.float32), 0), ValueError, "top_k"),
+        (lambda: dpmoe.topk_softmax(np.zeros(4, np.float32), 1), ValueError, "gating_logits"),
+        (lambda: dpmoe.topk_softmax(np.array([[0.0, np.nan]], np.float32), 1), ValueError, "gating_logits"),
+        (lambda: dpmoe.topk_softmax(np.zeros((3, 4), np.complex64), 1), TypeError, "gating_logits"),
+        (lambda: dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 4, float("inf")), ValueError, "block_size"),
+        (lambda: dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 4, 0), ValueError, "block_size"),
+        (lambda: dpmoe.moe_align_block_size(np.full((3, 2), 4, np.int32), 4, 16), ValueError, "topk_ids"),
+        (lambda: dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 0, 16), ValueError, "num_experts"),
+        (lambda: dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 4, 16, np.zeros(5, np.int32)),
+         ValueError, "together"),
+        (lambda: dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 4, 16, np.zeros(5, np.int32),
+                                            np.zeros(5, np.int32), np.zeros(1, np.int32)),
+         ValueError, "sorted_token_ids"),
+        (lambda: dpmoe.silu_and_mul(np.zeros((3, 5), np.float32)), ValueError, "x"),
+        (lambda: dpmoe.silu_and_mul_moe(np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)),
+         ValueError, "up_output"),
+        (lambda: dpmoe.moe_sum(np.zeros((3, 2, 4), np.float32), np.zeros((3, 3), np.float32)),
+         ValueError, "topk_weights"),
+        (lambda: dpmoe.moe_sum(np.zeros((3, 4), np.float32), np.zeros((3, 2), np.float32)),
+         ValueError, "expert_out"),
+        (lambda: dpmoe.grouped_gemm_moe(np.zeros((3, 4), np.float32), np.zeros((2, 5, 6), np.float32), None,
+                                        np.zeros((3, 6), np.float32), np.ones((3, 1), np.float32),
+                                        np.zeros((3, 1), np.int32), 1), ValueError, "B"),
+        (lambda: dpmoe.grouped_gemm_moe(np.zeros((3, 4), np.float32), np.zeros((2, 4, 6), np.float32),
+                                        np.zeros((2, 5), np.float32), np.zeros((3, 6), np.float32),
+                                        np.ones((3, 1), np.float32), np.zeros((3, 1), np.int32), 1),
+         ValueError, "C"),
+        (lambda: dpmoe.MoELayer(16, 8, 4, top_k=5), ValueError, "top_k"),
+        (lambda: dpmoe.MoELayer(16, 8, 4, dtype="int8"), TypeError, "dtype"),
+        (lambda: dpmoe.fused_moe_forward(np.zeros((2, 4), np.float32), np.zeros((2, 4, 3), np.float32),
+                                         np.zeros((2, 4, 3), np.float32), np.zeros((2, 3, 4), np.float32),
+                                         np.ones((2, 1), np.float32), np.zeros((2, 1), np.int32), 1,
+                                         device=3.5), TypeError, "device"),
+    ],
+)
+def test_other_functions_reject(call, error, names):
+    with pytest.raises(error, match=names):
+        call()

@@ -73,3 +73,10 @@ def fresh_warnings():
     dpmoe_device._warned.clear()
     yield
     dpmoe_device._warned.clear()
+
+
+def pytest_configure(config):
+    # With a SYCL device present, any NumPy fallback inside a test is a bug, not a feature:
+    # make its warning an error (tests of the fallback expect it with pytest.warns).
+    if ON_DEVICE:
+        config.addinivalue_line("filterwarnings", "error:dpmoe.*NumPy reference:RuntimeWarning")

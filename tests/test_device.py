@@ -90,3 +90,8 @@ def test_pytorch_in_the_same_process(order):
                          text=True, timeout=300, env=env)
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
     assert "ok True" in run.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises a SYCL device")
+def test_ci_runs_the_kernels_not_the_fallback():
+    assert dpmoe.info()["backend"] == "sycl", dpmoe.info()

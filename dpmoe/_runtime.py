@@ -3,9 +3,12 @@
 The oneAPI 2024.2 wheels that dpctl/dpnp/numba-dpex run on are broken in two ways when
 installed with pip (see shared/STACK.md):
 
-1. ``<prefix>/etc/OpenCL/vendors/intel-cpu.icd`` names a conda placeholder path, so the
-   OpenCL ICD loader finds no CPU platform. The loader reads ``OCL_ICD_FILENAMES`` when it is
-   first used, so setting it in ``os.environ`` before dpctl is imported is enough.
+1. ``<prefix>/etc/OpenCL/vendors/intel-cpu.icd`` names a conda placeholder path (and the
+   wheel's ICD loader only looks in ``/etc/OpenCL/vendors`` anyway), so no CPU platform is
+   found. The loader reads ``OCL_ICD_FILENAMES`` once, at its first use, so dpmoe sets it in
+   ``os.environ`` on import, and also installs a one-line ``dpmoe-opencl-icd.pth`` in
+   site-packages that does the same at interpreter start-up, so that a process that
+   imports dpctl or dpnp before dpmoe sees the device too.
 2. The extension modules of dpctl, dpnp and numba_dpex carry a conda-build placeholder as
    RPATH, so ``libsycl.so.7``, MKL and friends in ``<prefix>/lib`` are not found.
    Preloading those libraries with ``RTLD_GLOBAL`` works but makes a later ``import torch``
@@ -39,6 +42,7 @@ class RuntimeSetup:
     """What :func:`prepare` did; reported by :func:`dpmoe.info`."""
 
     icd_filenames_set: bool = False
+    pth_installed: str | None = None
     repaired_files: list[str] = field(default_factory=list)
     problem: str | None = None
 
@@ -56,6 +60,27 @@ def _icd_needs_help(lib: Path) -> bool:
         return False
     named = icd.read_text().strip()
     return not Path(named).exists()
+
+
+# Runs at interpreter start-up (site.py executes .pth lines that start with "import");
+# it never overrides a variable the user set.
+_PTH_NAME = "dpmoe-opencl-icd.pth"
+_PTH_LINE = (
+    "import os, sys; _p = os.path.join(sys.prefix, 'lib', 'libintelocl.so'); "
+    "os.path.exists(_p) and 'OCL_ICD_VENDORS' not in os.environ and "
+    "os.environ.setdefault('OCL_ICD_FILENAMES', _p)\n"
+)
+
+
+def _install_pth(site: Path, setup: RuntimeSetup) -> None:
+    pth = site / _PTH_NAME
+    try:
+        if pth.exists() and pth.read_text() == _PTH_LINE:
+            return
+        pth.write_text(_PTH_LINE)
+        setup.pth_installed = str(pth)
+    except OSError as exc:
+        setup.problem = f"could not write {pth}: {exc}"
 
 
 def _interface_loads(dpctl_dir: Path) -> bool:
@@ -103,19 +128,17 @@ def _repair_rpaths(site: Path, lib: Path, setup: RuntimeSetup) -> None:
 def prepare() -> RuntimeSetup:
     """Make dpctl/dpnp/numba-dpex importable from a plain pip install. Idempotent."""
     setup = RuntimeSetup()
-    if "dpctl" in sys.modules:
-        return setup
     lib = Path(sys.prefix) / "lib"
-    if (
-        "OCL_ICD_FILENAMES" not in os.environ
-        and "OCL_ICD_VENDORS" not in os.environ
-        and _icd_needs_help(lib)
-    ):
-        os.environ["OCL_ICD_FILENAMES"] = str(lib / "libintelocl.so")
-        setup.icd_filenames_set = True
-
     dpctl_dir = _package_dir("dpctl")
-    if dpctl_dir is None or _interface_loads(dpctl_dir):
+    icd_broken = _icd_needs_help(lib)
+    if icd_broken and "OCL_ICD_VENDORS" not in os.environ:
+        if "OCL_ICD_FILENAMES" not in os.environ:
+            os.environ["OCL_ICD_FILENAMES"] = str(lib / "libintelocl.so")
+            setup.icd_filenames_set = True
+        if dpctl_dir is not None and os.environ.get("DPMOE_NO_RUNTIME_REPAIR", "") in ("", "0"):
+            _install_pth(dpctl_dir.parent, setup)
+    if "dpctl" in sys.modules or dpctl_dir is None or _interface_loads(dpctl_dir):
+        _report(setup, dpctl_dir, lib)
         return setup
     if os.environ.get("DPMOE_NO_RUNTIME_REPAIR", "") not in ("", "0"):
         setup.problem = "dpctl cannot load libsycl.so.7 and DPMOE_NO_RUNTIME_REPAIR is set"
@@ -127,11 +150,26 @@ def prepare() -> RuntimeSetup:
         _repair_rpaths(dpctl_dir.parent, lib, setup)
     except (OSError, subprocess.CalledProcessError) as exc:
         setup.problem = f"repairing the RPATH of the SYCL wheels failed: {exc}"
-    if setup.repaired_files:
-        sys.stderr.write(
-            f"dpmoe: repaired the RPATH of {len(setup.repaired_files)} extension modules of "
-            f"{', '.join(_PATCHED_PACKAGES)} in {dpctl_dir.parent} so that they find the "
-            f"oneAPI runtime in {lib} (the pip wheels carry a conda-build placeholder). "
-            "This happens once per environment; DPMOE_NO_RUNTIME_REPAIR=1 prevents it.\n"
-        )
+    _report(setup, dpctl_dir, lib)
     return setup
+
+
+def _report(setup: RuntimeSetup, dpctl_dir: Path | None, lib: Path) -> None:
+    """Say on stderr what was changed in the environment (only when something was)."""
+    done = []
+    if setup.repaired_files:
+        done.append(
+            f"repaired the RPATH of {len(setup.repaired_files)} extension modules of "
+            f"{', '.join(_PATCHED_PACKAGES)} in {dpctl_dir.parent} so that they find the "
+            f"oneAPI runtime in {lib} (the pip wheels carry a conda-build placeholder)"
+        )
+    if setup.pth_installed:
+        done.append(
+            f"installed {setup.pth_installed}, which points the OpenCL ICD loader at "
+            f"{lib / 'libintelocl.so'} when Python starts (the wheel's ICD file is a placeholder)"
+        )
+    if done:
+        sys.stderr.write(
+            "dpmoe: " + "; ".join(done) + ". This happens once per environment; "
+            "DPMOE_NO_RUNTIME_REPAIR=1 prevents it.\n"
+        )

@@ -95,3 +95,13 @@ def test_pytorch_in_the_same_process(order):
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises a SYCL device")
 def test_ci_runs_the_kernels_not_the_fallback():
     assert dpmoe.info()["backend"] == "sycl", dpmoe.info()
+
+
+@pytest.mark.skipif(not ON_DEVICE, reason="needs a SYCL device")
+def test_dpnp_imported_before_dpmoe_still_sees_the_device():
+    script = "import dpnp, dpmoe; print(dpmoe.info()['backend'], dpnp.ones(2).sycl_device.filter_string)"
+    env = {k: v for k, v in os.environ.items() if k not in ("DPMOE_DEVICE", "DPMOE_STRICT")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[0] == "sycl", run.stdout + run.stderr

@@ -18,8 +18,10 @@ import numpy as np
 from . import reference, validation
 from .alignment import align_on_device
 from .arrays import empty, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
-from .device import dpnp, placement, returns_numpy
-from .grouped_gemm import DEFAULT_BLOCK_SIZE, expert_matmul, gather_rows, plan_layout
+from .device import dpnp, is_device_array, placement, returns_numpy
+from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmul, gather_rows,
+                           plan_layout)
+from .memory import GIB, check_fits, tokens_per_chunk
 from .reduction import weighted_sum
 
 
@@ -40,6 +42,12 @@ class ExpertWeights:
     def shape(self) -> tuple[int, int, int]:
         """(E, H, I)."""
         return tuple(self.gate.shape)
+
+    def widening_bytes(self, grouped: bool) -> int:
+        """Bytes the next grouped call allocates for float32 copies of the weights."""
+        if not grouped or self.kind == "float32" or self._float32 is not None:
+            return 0
+        return 3 * self.gate.size * 4
 
     def float32(self) -> tuple[Any, Any, Any]:
         if self._float32 is not None:
@@ -86,20 +94,54 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
     )
 
 
+def chunk_bytes_per_token(top_k: int, hidden: int, inter: int, grouped: bool) -> int:
+    """float32 intermediate bytes one token costs: grouped rows (at most
+    STACK_PADDING_LIMIT rows per slot) hold x, gate, up and down; per-token holds the
+    activation of each slot."""
+    if grouped:
+        return int(STACK_PADDING_LIMIT * top_k) * (2 * hidden + 2 * inter) * 4
+    return top_k * inter * 4
+
+
+def check_memory(queue: Any, num_tokens: int, experts_shape: tuple[int, int, int], top_k: int,
+                 grouped: bool, x_bytes: int, weight_bytes_to_copy: int, widened_bytes: int,
+                 what: str) -> None:
+    """MemoryError, before anything is allocated, when the call cannot fit on the device."""
+    num_experts, hidden, inter = experts_shape
+    per_token = chunk_bytes_per_token(top_k, hidden, inter, grouped)
+    chunk = min(num_tokens, tokens_per_chunk(per_token))
+    padding = num_experts * DEFAULT_BLOCK_SIZE * (2 * hidden + 2 * inter) * 4 if grouped else 0
+    parts = {
+        "weights copied to the device": weight_bytes_to_copy,
+        "float32 copies of 16-bit weights": widened_bytes,
+        "tokens in and out": 2 * x_bytes,
+        f"intermediates of {chunk} tokens": chunk * per_token + padding,
+    }
+    breakdown = ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in parts.items() if size)
+    check_fits(queue, sum(parts.values()), what, breakdown)
+
+
 def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any,
                   topk_indices: Any, top_k: int, renormalize: bool, grouped: bool) -> Any:
     """The forward on validated inputs; ``x`` in storage form on the experts' queue.
 
-    Returns a new [T, H] device array in storage form of ``x_kind``.
+    Tokens go through in chunks whose float32 intermediates stay under the memory budget
+    (:mod:`dpmoe.memory`). Returns a new [T, H] device array in storage form of ``x_kind``.
     """
     queue = x.sycl_queue
+    num_tokens = x.shape[0]
     out = empty(tuple(x.shape), x_kind, queue)
-    if x.shape[0] == 0:
+    if num_tokens == 0:
         return out
     ids = ids_to_device(topk_indices, queue)
     weights = weights_to_device(topk_weights, queue)
+    _, hidden, inter = experts.shape
+    chunk = tokens_per_chunk(chunk_bytes_per_token(top_k, hidden, inter, grouped))
     run = _run_grouped if grouped else _run_per_token
-    run(x, x_kind, experts, weights, ids, top_k, renormalize, out)
+    for first in range(0, num_tokens, chunk):
+        last = min(first + chunk, num_tokens)
+        run(x[first:last], x_kind, experts, weights[first * top_k:last * top_k],
+            ids[first * top_k:last * top_k], top_k, renormalize, out[first:last])
     return out
 
 
@@ -176,6 +218,14 @@ def fused_moe_forward(
             to_host(down_weights), to_host(topk_weights), to_host(topk_indices), top_k,
             renormalize)
     else:
+        on_host = [a for a in (gate_weights, up_weights, down_weights) if not is_device_array(a)]
+        check_memory(
+            queue, num_tokens, gate_weights.shape, top_k, use_grouped_topk,
+            x_bytes=hidden_states.size * hidden_states.dtype.itemsize,
+            weight_bytes_to_copy=sum(a.nbytes for a in on_host),
+            widened_bytes=3 * gate_weights.size * 4 if use_grouped_topk and w_kind != "float32" else 0,
+            what="fused_moe_forward",
+        )
         experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
                                 keep_float32=False)
         out = run_on_device(to_device(hidden_states, queue), x_kind, experts, topk_weights,

@@ -10,7 +10,7 @@ import numpy as np
 from . import reference, validation
 from .arrays import HOST_DTYPE, FLOAT_KINDS, from_device, to_device, to_host, widen
 from .device import default_queue, dpnp, fallback, is_device_array
-from .fused_moe import ExpertWeights, check_experts, run_on_device
+from .fused_moe import ExpertWeights, check_experts, check_memory, run_on_device
 from .routing import route_on_device
 
 # Up to this many tokens the per-token GEMV path (weights read in place, in their own
@@ -110,8 +110,11 @@ class MoELayer:
         if self.queue is None:
             h = self._host
             return reference.moe_layer(x, h[0], h[1], h[2], h[3], self.top_k, self.renormalize)
-        weights, ids = self._route(x, kind)
         grouped = x.shape[0] > PER_TOKEN_MAX_TOKENS
+        check_memory(self.queue, x.shape[0], self._experts.shape, self.top_k, grouped,
+                     x_bytes=x.size * x.dtype.itemsize, weight_bytes_to_copy=0,
+                     widened_bytes=self._experts.widening_bytes(grouped), what="MoELayer")
+        weights, ids = self._route(x, kind)
         # routing already renormalized the weights when asked to
         out = run_on_device(x, kind, self._experts, weights, ids, self.top_k, False, grouped)
         return from_device(out, kind, as_numpy)

@@ -82,6 +82,7 @@ def routing_weights(name: str, a: Any, expected_shape: tuple[int, ...]) -> None:
     if not (np.issubdtype(dt, np.floating) or dt == BFLOAT16 or (is_device_array(a) and dt == np.uint16)):
         raise TypeError(f"{name} must have a float dtype (float32 preferred), got {dt}")
     shape(name, a, expected_shape, "[num_tokens, top_k]")
+    finite(name, a)
 
 
 def finite(name: str, a: Any) -> None:

@@ -1,11 +1,21 @@
 """Shared helpers: input makers, per-dtype tolerances, NumPy/dpnp placement."""
 
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 import dpmoe
 from dpmoe import device as dpmoe_device
+
+# Property tests: "ci" is fixed (derandomized) and short; DPMOE_HYPOTHESIS_PROFILE=long
+# explores much further with fresh random examples.
+_PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=12, derandomize=True, **_PROPERTY_SETTINGS)
+settings.register_profile("long", max_examples=400, **_PROPERTY_SETTINGS)
+settings.load_profile(os.environ.get("DPMOE_HYPOTHESIS_PROFILE", "ci"))
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]

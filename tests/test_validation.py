@@ -50,6 +50,23 @@ FUSED_BAD = [
     ("topk_indices", np.ones((T, K), np.float32), TypeError, "topk_indices"),
     ("topk_indices", np.full((T, K), E, np.int32), ValueError, "topk_indices"),
     ("topk_indices", np.full((T, K), -1, np.int64), ValueError, "topk_indices"),
+    ("topk_indices", np.full((T, K), 2**40, np.int64), ValueError, "topk_indices"),
+    ("topk_indices", np.zeros((T, K), bool), TypeError, "topk_indices"),
+    ("topk_indices", [[0, 1]] * T, TypeError, "topk_indices"),
+    ("hidden_states", np.zeros((T, H), np.complex64), TypeError, "hidden_states"),
+    ("hidden_states", np.zeros((T, H), bool), TypeError, "hidden_states"),
+    ("hidden_states", np.zeros((T, H), object), TypeError, "hidden_states"),
+    ("hidden_states", None, TypeError, "hidden_states"),
+    ("gate_weights", None, TypeError, "gate_weights"),
+    ("gate_weights", np.zeros((0, H, I), np.float32), ValueError, "gate_weights"),
+    ("gate_weights", np.zeros((E, 0, I), np.float32), ValueError, "gate_weights"),
+    ("topk_weights", np.full((T, K), np.nan, np.float32), ValueError, "topk_weights"),
+    ("topk_weights", np.full((T, K), np.inf, np.float32), ValueError, "topk_weights"),
+    ("topk_weights", None, TypeError, "topk_weights"),
+    ("top_k", -1, ValueError, "top_k"),
+    ("top_k", True, TypeError, "top_k"),
+    ("top_k", "2", TypeError, "top_k"),
+    ("top_k", None, TypeError, "top_k"),
 ]
 
 
@@ -112,3 +129,29 @@ def test_read_only_output_refused(problem):
 def test_other_functions_reject(call, error, names):
     with pytest.raises(error, match=names):
         call()
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-token"])
+def test_strided_and_reversed_views_work(problem, grouped):
+    """Non-contiguous and negative-stride views are valid input, computed correctly."""
+    from conftest import assert_close
+
+    from dpmoe import reference
+
+    wide = np.repeat(problem["hidden_states"], 2, axis=1)[:, ::2]  # stride 2
+    reversed_rows = problem["hidden_states"][::-1]
+    for x in (wide, reversed_rows):
+        assert not x.flags.c_contiguous
+        args = with_(problem, hidden_states=x)
+        got = dpmoe.fused_moe_forward(**args, use_grouped_topk=grouped)
+        want = reference.fused_moe_forward(np.ascontiguousarray(x), *[args[k] for k in (
+            "gate_weights", "up_weights", "down_weights", "topk_weights", "topk_indices")], K, True)
+        assert_close(got, want)
+
+
+def test_read_only_inputs_are_fine_without_inplace(problem):
+    for v in problem.values():
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+    out = dpmoe.fused_moe_forward(**problem)
+    assert out.flags.writeable

@@ -1,0 +1,103 @@
+"""Property-based tests: random sizes, dtypes and routing skews, every function vs the oracle."""
+
+import numpy as np
+from conftest import DTYPES, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dpmoe
+from dpmoe import reference
+
+sizes = st.integers(1, 300)
+dtypes = st.sampled_from(DTYPES)
+seeds = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def routings(draw, max_tokens=300):
+    """(seed, T, E, k, topk_weights, topk_ids) with a drawn skew."""
+    seed = draw(seeds)
+    num_tokens = draw(st.integers(0, max_tokens))
+    num_experts = draw(st.integers(1, 80))
+    top_k = draw(st.integers(1, min(num_experts, 8)))
+    skew = draw(st.sampled_from(["uniform", "one-hot", "zipf", "few"]))
+    rng = np.random.default_rng(seed)
+    if skew == "uniform":
+        scores = rng.random((num_tokens, num_experts))
+    elif skew == "one-hot":  # one expert wins everywhere, the rest fill in by index
+        scores = np.tile(-np.arange(num_experts, dtype=float), (num_tokens, 1))
+        scores[:, num_experts - 1] = 1.0
+    elif skew == "zipf":
+        scores = rng.random((num_tokens, num_experts)) / np.arange(1, num_experts + 1) ** 2
+    else:  # only the first top_k + 1 experts ever chosen
+        scores = rng.random((num_tokens, num_experts))
+        scores[:, top_k + 1:] = -1.0
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :top_k].astype(np.int32)
+    weights = rng.random((num_tokens, top_k), dtype=np.float32) + np.float32(0.01)
+    return rng, num_tokens, num_experts, top_k, weights, ids
+
+
+def normal(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(dtype)
+
+
+@given(routings(), st.integers(1, 300), st.integers(1, 300), dtypes, st.booleans(), st.booleans())
+def test_fused_moe_forward(routing, hidden, inter, dtype, grouped, renormalize):
+    rng, num_tokens, num_experts, top_k, weights, ids = routing
+    x = normal(rng, (num_tokens, hidden), dtype)
+    gate = normal(rng, (num_experts, hidden, inter), dtype, hidden**-0.5)
+    up = normal(rng, (num_experts, hidden, inter), dtype, hidden**-0.5)
+    down = normal(rng, (num_experts, inter, hidden), dtype, inter**-0.5)
+    got = dpmoe.fused_moe_forward(x, gate, up, down, weights, ids, top_k, renormalize,
+                                  use_grouped_topk=grouped)
+    assert_close(got, reference.fused_moe_forward(x, gate, up, down, weights, ids, top_k, renormalize))
+
+
+@given(routings(), st.integers(1, 128))
+def test_moe_align_block_size(routing, block_size):
+    _, _, num_experts, _, _, ids = routing
+    got = dpmoe.moe_align_block_size(ids, num_experts, block_size)
+    for g, w in zip(got, reference.moe_align_block_size(ids, num_experts, block_size)):
+        np.testing.assert_array_equal(g, w)
+
+
+@given(seeds, st.integers(0, 300), st.integers(1, 80), st.data(), dtypes, st.booleans())
+def test_topk_softmax(seed, num_tokens, num_experts, data, dtype, renormalize):
+    top_k = data.draw(st.integers(1, min(num_experts, 8)))
+    logits = normal(np.random.default_rng(seed), (num_tokens, num_experts), dtype, 4.0)
+    weights, ids = dpmoe.topk_softmax(logits, top_k, renormalize)
+    want_w, want_ids = reference.topk_softmax(logits, top_k, renormalize)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_w, rtol=5e-6, atol=1e-7)
+
+
+@given(routings(), sizes, sizes, dtypes, st.booleans(), st.booleans())
+def test_grouped_gemm_moe(routing, k_dim, n_dim, dtype, trans_b, bias):
+    rng, num_tokens, num_experts, top_k, weights, ids = routing
+    A = normal(rng, (num_tokens, k_dim), dtype)
+    B = normal(rng, (num_experts, n_dim, k_dim) if trans_b else (num_experts, k_dim, n_dim),
+               dtype, k_dim**-0.5)
+    C = normal(rng, (num_experts, n_dim), dtype) if bias else None
+    D = np.zeros((num_tokens, n_dim), dtype)
+    want = D.copy()
+    dpmoe.grouped_gemm_moe(A, B, C, D, weights, ids, top_k, trans_b)
+    reference.grouped_gemm_moe(A, B, C, want, weights, ids, top_k, trans_b)
+    assert_close(D, want)
+
+
+@given(seeds, st.integers(0, 300), st.integers(1, 8), sizes, dtypes)
+def test_moe_sum(seed, num_tokens, top_k, hidden, dtype):
+    rng = np.random.default_rng(seed)
+    expert_out = normal(rng, (num_tokens, top_k, hidden), dtype)
+    weights = rng.random((num_tokens, top_k), dtype=np.float32)
+    assert_close(dpmoe.moe_sum(expert_out, weights), reference.moe_sum(expert_out, weights))
+
+
+@given(seeds, st.integers(0, 300), sizes, dtypes)
+def test_silu_and_mul_both_forms(seed, rows, d, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, (rows, 2 * d), dtype, 4.0)
+    assert_close(dpmoe.silu_and_mul(x), reference.silu_and_mul(x))
+    gate, up = x[:, :d].copy(), x[:, d:].copy()
+    dpmoe.silu_and_mul_moe(gate, up)
+    assert_close(gate, reference.silu_and_mul(x))

@@ -103,3 +103,15 @@ def widen(d: Any, kind: str) -> Any:
     if d.size:
         make_widen_kernel(kind)(d.reshape(-1), out.reshape(-1))
     return out
+
+
+def as_words(d: Any) -> Any:
+    """A uint16 device array seen as uint32 words (pairs), or None when it does not pair up."""
+    import dpctl.tensor as dpt
+
+    usm = d.get_array()
+    if d.size % 2 or usm._element_offset % 2 or not d.flags.c_contiguous:
+        return None
+    words = dpt.usm_ndarray((d.size // 2,), dtype="u4", buffer=usm.usm_data,
+                            offset=usm._element_offset // 2)
+    return dpnp.asarray(words)

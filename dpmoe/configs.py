@@ -12,4 +12,6 @@ MODEL_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "olmoe": (2048, 1024, 64, 8),
     # DeepSeek-V2-Lite: 64 routed experts, top-6
     "deepseek-lite": (2048, 1408, 64, 6),
+    # not a model: small enough for smoke tests of the benchmark and the demo
+    "tiny": (64, 96, 4, 2),
 }

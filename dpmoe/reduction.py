@@ -13,8 +13,13 @@ from .device import dpnp, is_device_array, placement, returns_numpy
 
 def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids: Any,
                  out: Any, out_kind: str, top_k: int, renormalize: bool,
-                 bias: Any = None, bias_kind: str = "float32") -> None:
-    """``out[t] = sum_j w[t, j] / (sum_j w[t, j] if renormalize) * (rows[row(t, j)] + bias[e])``."""
+                 bias: Any = None, bias_kind: str = "float32", n_parts: int = 1,
+                 part_rows: int = 0) -> None:
+    """``out[t] = sum_j w[t, j] / (sum_j w[t, j] if renormalize) * (rows[row(t, j)] + bias[e])``.
+
+    With ``n_parts`` > 1, ``rows`` holds that many split-K partial buffers of ``part_rows``
+    rows each, summed in order.
+    """
     from .kernels.reduction import make_weighted_sum_kernel
 
     num_tokens, n_cols = out.shape
@@ -22,7 +27,7 @@ def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids:
     make_weighted_sum_kernel(rows_kind, bias_kind, out_kind)(
         rows.reshape(-1), row_of_slot, weights, ids,
         bias.reshape(-1) if has_bias else weights,  # never read without a bias
-        out.reshape(-1), num_tokens, n_cols, top_k, has_bias, renormalize,
+        out.reshape(-1), num_tokens, n_cols, top_k, has_bias, renormalize, n_parts, part_rows,
     )
 
 

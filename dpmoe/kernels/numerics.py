@@ -91,6 +91,78 @@ def store_bfloat16(a, i, v):
         a[i] = np.uint16((bits + rounding) >> np.uint32(16))
 
 
+@intrinsic
+def _low_bfloat16(typingctx, word):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(args[0], ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _high_bfloat16(typingctx, word):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        masked = builder.and_(args[0], ir.Constant(ir.IntType(32), 0xFFFF0000))
+        return builder.bitcast(masked, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _low_float16(typingctx, word):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _high_float16(typingctx, word):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        shifted = builder.lshr(args[0], ir.Constant(ir.IntType(32), 16))
+        half = builder.bitcast(builder.trunc(shifted, ir.IntType(16)), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+# Pair loaders read two neighbouring elements of a row at once. For 16-bit kinds the row is
+# seen as uint32 words: 32-bit loads vectorise across work-items like float32 ones, while
+# 16-bit loads measured 4x slower on the CPU device (5 vs 19 GB/s in a GEMV).
+@dpex.device_func
+def load_pair_float32(a, i):
+    return a[2 * i], a[2 * i + 1]
+
+
+@dpex.device_func
+def load_pair_bfloat16(words, i):
+    w = words[i]
+    return _low_bfloat16(w), _high_bfloat16(w)
+
+
+@dpex.device_func
+def load_pair_float16(words, i):
+    w = words[i]
+    return _low_float16(w), _high_float16(w)
+
+
+_PAIR_LOADERS = {"float32": load_pair_float32, "float16": load_pair_float16, "bfloat16": load_pair_bfloat16}
+
+
+def pair_loader(kind: str):
+    """``load_pair(a, i) -> (a[2i], a[2i+1])`` as float32; 16-bit kinds take uint32 words."""
+    return _PAIR_LOADERS[kind]
+
+
 _LOADERS = {"float32": load_float32, "float16": load_float16, "bfloat16": load_bfloat16}
 _STORERS = {"float32": store_float32, "float16": store_float16, "bfloat16": store_bfloat16}
 

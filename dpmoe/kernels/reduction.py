@@ -18,7 +18,7 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
     @dpex.kernel
     def weighted_sum_kernel(
         item: kapi.Item,
-        rows,  # IN  (n_rows * N) expert outputs, any float kind
+        rows,  # IN  (n_parts * part_rows * N) expert outputs, any float kind, summed over parts
         row_of_slot,  # IN  (T * k) int32 row of each slot in ``rows``
         weights,  # IN  (T * k) float32
         ids,  # IN  (T * k) int32 expert of each slot (for the bias)
@@ -28,6 +28,8 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
         top_k,
         has_bias,
         renormalize,
+        n_parts,
+        part_rows,
     ):
         i = item.get_id(0)
         t = i // n_cols
@@ -40,17 +42,20 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
         acc = np.float32(0.0)
         for j in range(top_k):
             s = t * top_k + j
-            v = load_row(rows, row_of_slot[s] * n_cols + col)
+            v = np.float32(0.0)
+            for p in range(n_parts):  # split-K partial sums, in a fixed order
+                v += load_row(rows, (p * part_rows + row_of_slot[s]) * n_cols + col)
             if has_bias != 0:
                 v += load_bias(bias, ids[s] * n_cols + col)
             acc += (weights[s] / total) * v
         store(out, i, acc)
 
     def launch(rows, row_of_slot, weights, ids, bias, out, num_tokens, n_cols, top_k,
-               has_bias, renormalize):
+               has_bias, renormalize, n_parts, part_rows):
         dpex.call_kernel(
             weighted_sum_kernel, dpex.Range(num_tokens * n_cols), rows, row_of_slot,
             weights, ids, bias, out, n_cols, top_k, int(has_bias), int(renormalize),
+            n_parts, part_rows,
         )
 
     return launch

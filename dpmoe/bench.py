@@ -210,6 +210,41 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     return row
 
 
+# The per-token path re-reads an expert's weights per block of 4 slots: beyond this many
+# tokens it cannot win, so the tuner does not spend time measuring it.
+TUNE_PER_TOKEN_MAX_TOKENS = 256
+
+
+def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directory: str | None) -> str:
+    """Measure both paths at each token count; save the faster through tuning's naming."""
+    from .fused_moe import ExpertWeights, run_on_device
+    from .tuning import TUNED_DIR, save_configs
+
+    queue, _ = default_queue()
+    hidden, inter, experts, top_k = MODEL_CONFIGS[config]
+    choices = {}
+    p = make_problem(config, dtype, 1)
+    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, keep_float32=True)
+    for num_tokens in token_counts:
+        p = make_problem(config, dtype, num_tokens)
+        x = _device(p["x"], queue)
+        routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
+                    for w, i in p["routings"]]
+        times = {}
+        for path in ("grouped", "per-token"):
+            if path == "per-token" and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS:
+                continue
+            grouped = path == "grouped"
+            times[path] = median_time(Rotating(
+                lambda w, i: run_on_device(x, dtype, weights, w, i, top_k, False, grouped),
+                routings), repeats)
+        best = min(times, key=times.get)
+        choices[num_tokens] = {"path": best, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}}
+    path = save_configs(choices, experts, inter, dtype, queue.sycl_device.name,
+                        directory or TUNED_DIR)
+    return str(path)
+
+
 def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: int) -> dict:
     """Micro-benchmarks of one stage: silu, align or routing."""
     from . import moe_align_block_size, silu_and_mul, topk_softmax
@@ -294,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(HOST_DTYPE))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="bench_results.json", help="where to write the rows")
+    parser.add_argument("--tune", action="store_true",
+                        help="measure both execution paths and write per-device configs")
+    parser.add_argument("--tune-dir", default=None, help="where --tune writes (default: the package's)")
     parser.add_argument("--plot", nargs="?", const="bench_speedups.png", default=None,
                         help="write a PNG chart of speed-ups vs torch")
     args = parser.parse_args(argv)
@@ -302,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     if about["backend"] != "sycl":
         print(f"no SYCL device: {about['fallback_reason']}")
         return 1
+    if args.tune:
+        for config in args.config:
+            for dtype in args.dtype:
+                print("wrote", tune(config, dtype, args.tokens, args.repeats, args.tune_dir))
+        return 0
     points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]
     try:
         from tqdm import tqdm

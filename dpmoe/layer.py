@@ -12,11 +12,7 @@ from .arrays import HOST_DTYPE, FLOAT_KINDS, from_device, to_device, to_host, wi
 from .device import default_queue, dpnp, fallback, is_device_array
 from .fused_moe import ExpertWeights, check_experts, check_memory, run_on_device
 from .routing import route_on_device
-
-# Up to this many tokens the per-token GEMV path (weights read in place, in their own
-# dtype) beats gathering rows for the batched GEMMs; measured by the benchmark.
-PER_TOKEN_MAX_TOKENS = 4
-
+from .tuning import get_config
 
 class MoELayer:
     """A Mixture-of-Experts block: ``x -> sum_j w_j * expert_{e_j}(x)`` with softmax routing.
@@ -110,7 +106,8 @@ class MoELayer:
         if self.queue is None:
             h = self._host
             return reference.moe_layer(x, h[0], h[1], h[2], h[3], self.top_k, self.renormalize)
-        grouped = x.shape[0] > PER_TOKEN_MAX_TOKENS
+        grouped = get_config(self.num_experts, self.intermediate_size, self.kind,
+                             self.queue.sycl_device.name, x.shape[0])["path"] == "grouped"
         check_memory(self.queue, x.shape[0], self._experts.shape, self.top_k, grouped,
                      x_bytes=x.size * x.dtype.itemsize, weight_bytes_to_copy=0,
                      widened_bytes=self._experts.widening_bytes(grouped), what="MoELayer")

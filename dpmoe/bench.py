@@ -34,6 +34,9 @@ REFERENCE_MAX_TOKENS = 16
 # reads weights from memory, not from a last-level cache that still holds the previous
 # call's experts (the CPU's cache can hold a whole expert of the smaller configs).
 ROUTINGS = 8
+# The per-token path re-reads an expert's weights per block of 4 slots: beyond this many
+# tokens it cannot win, so neither the benchmark nor the tuner spends time measuring it.
+TUNE_PER_TOKEN_MAX_TOKENS = 256
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
@@ -125,6 +128,14 @@ def naive_dpnp(x, gate, up, down, weights, ids_host, top_k):
     return out
 
 
+def time_naive_dpnp(p: dict, queue: Any, repeats: int) -> float:
+    """The naive loop on float32 device copies (dpnp has no bfloat16), freed on return."""
+    f32 = [dpnp.asarray(a.astype(np.float32), sycl_queue=queue) for a in (p["gate"], p["up"], p["down"])]
+    x32 = dpnp.asarray(p["x"].astype(np.float32), sycl_queue=queue)
+    return median_time(Rotating(
+        lambda w, i: naive_dpnp(x32, *f32, w, i, p["top_k"]).asnumpy(), p["routings"]), repeats)
+
+
 def torch_variants(torch, x, gate, up, down, weights, ids):
     def masked():
         out = torch.zeros_like(x)
@@ -170,6 +181,8 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     row = {"test": "moe", "config": config, "dtype": dtype, "tokens": num_tokens}
     times = {}
     for name, grouped in (("grouped", True), ("per-token", False)):
+        if not grouped and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS:
+            continue
         run = Rotating(lambda w, i: run_on_device(x, kind, experts_w, w, i, top_k, False, grouped),
                        device_routings)
         times[name] = median_time(run, repeats)
@@ -179,11 +192,7 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     if num_tokens <= REFERENCE_MAX_TOKENS:
         row["reference_ms"] = 1e3 * median_time(lambda: reference.fused_moe_forward(
             p["x"], p["gate"], p["up"], p["down"], p["weights"], p["ids"], top_k, False), 1, 0)
-    f32 = [dpnp.asarray(a.astype(np.float32), sycl_queue=queue) for a in (p["gate"], p["up"], p["down"])]
-    x32 = dpnp.asarray(p["x"].astype(np.float32), sycl_queue=queue)
-    row["naive_dpnp_ms"] = 1e3 * median_time(Rotating(
-        lambda w, i: naive_dpnp(x32, *f32, w, i, top_k).asnumpy(), p["routings"]), repeats)
-    del f32
+    row["naive_dpnp_ms"] = 1e3 * time_naive_dpnp(p, queue, repeats)
     torch = _torch()
     if torch is not None:
         tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -208,11 +217,6 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     roofline = max(touched / (limits["read_GBps"] * 1e9), flops / (limits["gemm_GFLOPs"] * 1e9))
     row["roofline_pct"] = 100 * roofline / seconds
     return row
-
-
-# The per-token path re-reads an expert's weights per block of 4 slots: beyond this many
-# tokens it cannot win, so the tuner does not spend time measuring it.
-TUNE_PER_TOKEN_MAX_TOKENS = 256
 
 
 def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directory: str | None) -> str:

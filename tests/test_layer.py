@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import DTYPE_IDS, DTYPES, assert_close, needs_device, normal, to_dpnp
+from conftest import assert_close, needs_device, normal, to_dpnp
 
 import dpmoe
 from dpmoe import reference

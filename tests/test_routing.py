@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import DTYPE_IDS, DTYPES, ON_DEVICE, needs_device, normal, to_dpnp
+from conftest import DTYPE_IDS, DTYPES, needs_device, normal, to_dpnp
 
 import dpmoe
 from dpmoe import reference

@@ -70,8 +70,22 @@ def measure_limits(repeats: int) -> dict[str, float]:
         bandwidth = max(bandwidth, n * 4 / median_time(lambda: float(t_big.sum()), repeats) / 1e9)
     a = dpnp.ones((8, 1024, 2048), dtype=np.float32)
     b = dpnp.ones((8, 2048, 1024), dtype=np.float32)
-    gemm = 2 * 8 * 1024 * 2048 * 1024 / median_time(lambda: dpnp.matmul(a, b).sum(), repeats) / 1e9
-    return {"read_GBps": bandwidth, "gemm_GFLOPs": gemm}
+    flops = 2 * 8 * 1024 * 2048 * 1024
+    limits = {"read_GBps": bandwidth,
+              "gemm_GFLOPs": flops / median_time(lambda: dpnp.matmul(a, b).sum(), repeats) / 1e9}
+    from . import onemkl_bf16
+
+    if onemkl_bf16.available(a.sycl_queue):  # the bf16 GEMM dpmoe uses, on the same shapes
+        a16 = dpnp.zeros((1024, 2048), dtype=np.uint16)
+        b16 = dpnp.zeros((8, 2048, 1024), dtype=np.uint16)
+        c = dpnp.empty((1024, 1024), dtype=np.float32)
+
+        def bf16_batch():
+            for e in range(8):
+                onemkl_bf16.gemm(a16, 0, b16, e * 2048 * 1024, c, 0, 1024, 1024, 2048)
+
+        limits["gemm_bf16_GFLOPs"] = flops / median_time(bf16_batch, repeats) / 1e9
+    return limits
 
 
 def make_problem(config: str, dtype: str, num_tokens: int, seed: int = 0) -> dict[str, Any]:
@@ -174,7 +188,7 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     p = make_problem(config, dtype, num_tokens)
     hidden, inter, experts, top_k = MODEL_CONFIGS[config]
     kind = dtype
-    experts_w = ExpertWeights(p["gate"], p["up"], p["down"], kind, queue, keep_float32=True)
+    experts_w = ExpertWeights(p["gate"], p["up"], p["down"], kind, queue, persistent=True)
     x = _device(p["x"], queue)
     device_routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
                        for w, i in p["routings"]]
@@ -214,7 +228,8 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     seconds = row["dpmoe_ms"] / 1e3
     row["GBps"] = touched / seconds / 1e9
     row["GFLOPs"] = flops / seconds / 1e9
-    roofline = max(touched / (limits["read_GBps"] * 1e9), flops / (limits["gemm_GFLOPs"] * 1e9))
+    gemm_limit = limits.get(f"gemm_{'bf16_' if dtype == 'bfloat16' else ''}GFLOPs", limits["gemm_GFLOPs"])
+    roofline = max(touched / (limits["read_GBps"] * 1e9), flops / (gemm_limit * 1e9))
     row["roofline_pct"] = 100 * roofline / seconds
     return row
 
@@ -228,7 +243,7 @@ def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directo
     hidden, inter, experts, top_k = MODEL_CONFIGS[config]
     choices = {}
     p = make_problem(config, dtype, 1)
-    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, keep_float32=True)
+    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, persistent=True)
     for num_tokens in token_counts:
         p = make_problem(config, dtype, num_tokens)
         x = _device(p["x"], queue)

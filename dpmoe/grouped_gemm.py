@@ -40,11 +40,12 @@ class GroupedLayout:
     segments: list  # per-expert layout: (expert, first row, rows) for experts with slots
 
 
-def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int) -> GroupedLayout:
+def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int,
+                may_stack: bool = True) -> GroupedLayout:
     counts = dpnp.asnumpy(aligned.counts)  # one small copy: layouts are sized on the host
     n_slots = int(counts.sum())
     most = int(counts.max())
-    if num_experts * most <= STACK_PADDING_LIMIT * n_slots:
+    if may_stack and num_experts * most <= STACK_PADDING_LIMIT * n_slots:
         rows = ids * most + aligned.ranks
         return GroupedLayout(rows.astype(np.int32), num_experts * most, most, [])
     padded = -(-counts // block_size) * block_size
@@ -53,16 +54,44 @@ def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int)
     return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments)
 
 
-def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int) -> Any:
-    """Token rows [T, K] (any kind) -> float32 rows [n_rows, K] in ``layout``."""
+def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
+                rows_kind: str = "float32") -> Any:
+    """Token rows [T, K] (any kind) -> rows [n_rows, K] of ``rows_kind`` in ``layout``."""
     from .kernels.gather import make_gather_rows_kernel
 
     n_slots, row_len = layout.row_of_slot.shape[0], src.shape[-1]
-    rows = dpnp.empty((layout.n_rows, row_len), dtype=np.float32, sycl_queue=src.sycl_queue)
-    make_gather_rows_kernel(src_kind)(
+    rows = empty((layout.n_rows, row_len), rows_kind, src.sycl_queue)
+    make_gather_rows_kernel(src_kind, rows_kind)(
         src.reshape(-1), layout.row_of_slot, rows.reshape(-1), n_slots, row_len, top_k
     )
     return rows
+
+
+def expert_matmul_bf16(rows: Any, weights: Any, layout: GroupedLayout, trans_b: bool = False,
+                       packed: list | None = None) -> Any:
+    """bf16 rows [n_rows, K] times bf16 ``weights`` [E, K, N] ([E, N, K] with ``trans_b``)
+    through oneMKL's bf16 GEMM in place (CPU devices; per-expert layout) -> float32.
+    ``packed``: per expert, the weights in oneMKL's packed format (reused weights)."""
+    from . import onemkl_bf16
+
+    k_dim = rows.shape[1]
+    n_dim = weights.shape[1] if trans_b else weights.shape[2]
+    out = dpnp.empty((layout.n_rows, n_dim), dtype=np.float32, sycl_queue=rows.sycl_queue)
+    rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
+    for expert, first, count in layout.segments:
+        if packed is not None:
+            onemkl_bf16.gemm_packed(rows, first, packed[expert], out, first, count, n_dim, k_dim)
+        else:
+            onemkl_bf16.gemm(rows, first, weights, expert * k_dim * n_dim, out, first,
+                             count, n_dim, k_dim, trans_b)
+    return out
+
+
+def use_onemkl_bf16(queue: Any, *kinds: str) -> bool:
+    """bf16 GEMMs run on oneMKL in place when every operand is bf16 and the device allows."""
+    from . import onemkl_bf16
+
+    return all(k == "bfloat16" for k in kinds) and onemkl_bf16.available(queue)
 
 
 def expert_matmul(rows: Any, weights: Any, layout: GroupedLayout) -> Any:
@@ -135,11 +164,16 @@ def grouped_gemm_moe(
     if num_tokens == 0:
         return
     ids = ids_to_device(topk_indices, queue)
+    bf16 = use_onemkl_bf16(queue, a_kind, b_kind)
     layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
-                         num_experts, DEFAULT_BLOCK_SIZE)
-    rows = gather_rows(to_device(A, queue), a_kind, layout, top_k)
-    b32 = widen(to_device(B, queue), b_kind)
-    products = expert_matmul(rows, b32.transpose((0, 2, 1)) if trans_b else b32, layout)
+                         num_experts, DEFAULT_BLOCK_SIZE, may_stack=not bf16)
+    if bf16:
+        rows = gather_rows(to_device(A, queue), a_kind, layout, top_k, "bfloat16")
+        products = expert_matmul_bf16(rows, to_device(B, queue), layout, trans_b)
+    else:
+        rows = gather_rows(to_device(A, queue), a_kind, layout, top_k)
+        b32 = widen(to_device(B, queue), b_kind)
+        products = expert_matmul(rows, b32.transpose((0, 2, 1)) if trans_b else b32, layout)
     result = empty((num_tokens, n_dim), d_kind, queue)
     weighted_sum(products, "float32", layout.row_of_slot, weights_to_device(topk_weights, queue),
                  ids, result, d_kind, top_k, False,

@@ -76,7 +76,7 @@ class MoELayer:
             self._host = tuple(to_host(w) for w in (router, gate, up, down))
             return
         self._router = widen(to_device(router, queue), router_kind)
-        self._experts = ExpertWeights(gate, up, down, self.kind, queue, keep_float32=True)
+        self._experts = ExpertWeights(gate, up, down, self.kind, queue, persistent=True)
 
     @property
     def device(self) -> str | None:
@@ -110,7 +110,7 @@ class MoELayer:
                              self.queue.sycl_device.name, x.shape[0])["path"] == "grouped"
         check_memory(self.queue, x.shape[0], self._experts.shape, self.top_k, grouped,
                      x_bytes=x.size * x.dtype.itemsize, weight_bytes_to_copy=0,
-                     widened_bytes=self._experts.widening_bytes(grouped), what="MoELayer")
+                     widened_bytes=self._experts.derived_bytes(grouped, kind), what="MoELayer")
         weights, ids = self._route(x, kind)
         # routing already renormalized the weights when asked to
         out = run_on_device(x, kind, self._experts, weights, ids, self.top_k, False, grouped)

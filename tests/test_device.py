@@ -72,6 +72,11 @@ w = layer.weights()
 want = dpmoe.reference.moe_layer(x, w["router"], w["gate"], w["up"], w["down"], 2, True)
 assert np.allclose(layer(x), want, rtol=1e-4, atol=1e-5), "dpmoe wrong"
 assert dpmoe.info()["backend"] == "sycl", dpmoe.info()
+bf16 = dpmoe.MoELayer(32, 16, 4, dtype="bfloat16", seed=0)  # loads oneMKL's bf16 GEMM
+xb = x.astype(dpmoe.arrays.BFLOAT16)
+wb = bf16.weights()
+got = dpmoe.fused_moe_forward(xb, wb["gate"], wb["up"], wb["down"], *bf16.route(xb))
+assert np.isfinite(got.astype(np.float32)).all()
 b = torch.randn(300, 200) @ torch.randn(200, 100)
 print("ok", float(b.sum()) == float(b.sum()))
 """

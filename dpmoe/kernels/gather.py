@@ -5,26 +5,27 @@ from functools import lru_cache
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
-from .numerics import loader
+from .numerics import loader, storer
 
 
 @lru_cache(maxsize=None)
-def make_gather_rows_kernel(src_kind: str):
+def make_gather_rows_kernel(src_kind: str, dst_kind: str):
     load = loader(src_kind)
+    store = storer(dst_kind)
 
     @dpex.kernel
     def gather_rows_kernel(
         item: kapi.Item,
         src,  # IN  (T * K) any float kind, token rows
         row_of_slot,  # IN  (n_slots) int32 destination row of each slot
-        dst,  # OUT (rows * K) float32; rows no slot maps to are left untouched
+        dst,  # OUT (rows * K) dst_kind; rows no slot maps to are left untouched
         row_len,
         top_k,
     ):
         i = item.get_id(0)
         slot = i // row_len
         col = i - slot * row_len
-        dst[row_of_slot[slot] * row_len + col] = load(src, (slot // top_k) * row_len + col)
+        store(dst, row_of_slot[slot] * row_len + col, load(src, (slot // top_k) * row_len + col))
 
     def launch(src, row_of_slot, dst, n_slots, row_len, top_k):
         dpex.call_kernel(

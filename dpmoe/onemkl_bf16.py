@@ -1,0 +1,102 @@
+"""bfloat16 GEMM through oneMKL's CBLAS on host-addressable device memory (CPU devices).
+
+dpnp has no bfloat16 dtype, so ``dpnp.matmul`` needs float32 copies of bf16 weights and
+runs at float32 speed. oneMKL has ``cblas_gemm_bf16bf16f32`` (bf16 inputs, float32
+accumulation and output; AMX or AVX512-BF16 where the CPU has them). On a CPU SYCL device,
+USM allocations are ordinary host memory, so that routine can run on the device arrays in
+place: measured 610 GFLOP/s against 196 for ``dpnp.matmul`` in float32 on the project's
+machine. On other devices (GPUs) this module reports itself unavailable and the portable
+``dpnp.matmul`` path runs.
+
+The library is loaded with ``RTLD_LOCAL`` (the default of ctypes.CDLL): nothing enters the
+global symbol namespace, so PyTorch loaded before or after keeps its own BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+_GEMM_ARGS = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+_lock = threading.Lock()
+_lib: Any = None
+_load_error: str | None = None
+
+
+def _load() -> Any:
+    global _lib, _load_error
+    with _lock:
+        if _lib is None and _load_error is None:
+            path = os.path.join(sys.prefix, "lib", "libmkl_rt.so.2")
+            try:
+                lib = ctypes.CDLL(path if os.path.exists(path) else "libmkl_rt.so.2")
+                for name in ("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32_compute"):
+                    getattr(lib, name).restype = None
+                    getattr(lib, name).argtypes = _GEMM_ARGS
+                lib.cblas_gemm_bf16bf16f32_pack_get_size.restype = ctypes.c_size_t
+                lib.cblas_gemm_bf16bf16f32_pack_get_size.argtypes = [ctypes.c_int] * 4
+                lib.cblas_gemm_bf16bf16f32_pack.restype = None
+                lib.cblas_gemm_bf16bf16f32_pack.argtypes = [ctypes.c_int] * 6 + [
+                    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            except (OSError, AttributeError) as exc:
+                _load_error = str(exc)
+                return None
+            _lib = lib
+    return _lib
+
+
+def available(queue: Any) -> bool:
+    """Whether bf16 GEMMs can run in place on ``queue``'s memory."""
+    if os.environ.get("DPMOE_NO_ONEMKL_BF16", "") not in ("", "0"):
+        return False
+    return bool(queue.sycl_device.is_cpu) and _load() is not None
+
+
+def _pointer(d: Any) -> int:
+    return d.get_array()._pointer
+
+
+def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
+         m: int, n: int, k: int, trans_b: bool = False) -> None:
+    """``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k] with
+    ``trans_b``) starting at element ``b_offset`` of ``b``.
+
+    ``a`` [*, k] and ``b`` are uint16 bf16 bits, ``c`` [*, n] float32, all C-contiguous
+    device arrays on a CPU queue with no kernel still writing them.
+    """
+    _lib.cblas_gemm_bf16bf16f32(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
+          int(_pointer(a) + 2 * a_row * k), k, int(_pointer(b) + 2 * b_offset),
+          k if trans_b else n, 0.0, int(_pointer(c) + 4 * c_row * n), n)
+
+
+def packed_size(n: int, k: int) -> int:
+    """Bytes of one [k, n] B matrix in oneMKL's packed bf16 format."""
+    return int(_lib.cblas_gemm_bf16bf16f32_pack_get_size(_B_MATRIX, 1, n, k))
+
+
+def pack(b: Any, b_offset: int, n: int, k: int, trans_b: bool = False) -> np.ndarray:
+    """The [k, n] matrix at element ``b_offset`` of bf16-bits device array ``b``, packed.
+
+    Packed weights make small-M GEMMs 2-3x faster (no re-formatting of B per call: measured
+    0.40 against 1.19 ms for M = 32, K = 1024, N = 3584) at 2.4x the bf16 bytes.
+    """
+    dest = np.empty(packed_size(n, k), dtype=np.uint8)
+    _lib.cblas_gemm_bf16bf16f32_pack(_ROW_MAJOR, _B_MATRIX, _TRANS if trans_b else _NO_TRANS,
+                                     1, n, k, int(_pointer(b) + 2 * b_offset),
+                                     k if trans_b else n, dest.ctypes.data)
+    return dest
+
+
+def gemm_packed(a: Any, a_row: int, packed: np.ndarray, c: Any, c_row: int,
+                m: int, n: int, k: int) -> None:
+    """Like :func:`gemm` with B from :func:`pack`."""
+    _lib.cblas_gemm_bf16bf16f32_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, 1.0,
+                                        int(_pointer(a) + 2 * a_row * k), k, packed.ctypes.data,
+                                        n, 0.0, int(_pointer(c) + 4 * c_row * n), n)

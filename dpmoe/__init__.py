@@ -9,19 +9,24 @@ NumPy inputs run on the default SYCL device and come back as NumPy.
 """
 
 from . import reference
-from .activation import silu_and_mul, silu_and_mul_moe
+from .activation import (act_and_mul, gelu_and_mul, gelu_tanh_and_mul, silu_and_mul,
+                         silu_and_mul_moe, swigluoai_and_mul)
 from .alignment import moe_align_block_size
 from .device import FallbackError, info
 from .fused_moe import fused_moe_forward
 from .grouped_gemm import grouped_gemm_moe
 from .layer import MoELayer
 from .reduction import moe_sum
-from .routing import topk_softmax
+from .routing import grouped_topk, topk_sigmoid, topk_softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FallbackError",
+    "act_and_mul",
+    "gelu_and_mul",
+    "gelu_tanh_and_mul",
+    "swigluoai_and_mul",
     "MoELayer",
     "fused_moe_forward",
     "grouped_gemm_moe",
@@ -31,5 +36,7 @@ __all__ = [
     "reference",
     "silu_and_mul",
     "silu_and_mul_moe",
+    "grouped_topk",
+    "topk_sigmoid",
     "topk_softmax",
 ]

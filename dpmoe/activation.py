@@ -47,17 +47,31 @@ def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) ->
         gate_output[...] = back
 
 
-def silu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
-    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d] (vLLM's convention).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
+
+
+def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: float = 1.702,
+                limit: float = 7.0, device: Any = None) -> Any:
+    """A gated activation of ``x`` [..., 2d] -> [..., d] in x's dtype.
+
+    "silu", "gelu" (exact, erf) and "gelu_tanh" take gate = ``x[..., :d]`` and up =
+    ``x[..., d:]`` (vLLM's convention) and return ``act(gate) * up``. "swigluoai" (GPT-OSS)
+    takes them interleaved, gate = ``x[..., ::2]``, up = ``x[..., 1::2]``, and returns
+    ``g * sigmoid(alpha * g) * (u + 1)`` with ``g = min(gate, limit)``,
+    ``u = clip(up, -limit, limit)``.
 
     Args:
         x: [..., 2d] float32/float16/bfloat16.
+        activation: one of ``ACTIVATIONS``.
         out: optional [..., d] array of x's dtype to write into (same kind of array as x).
+        alpha, limit: swigluoai's constants.
         device: where NumPy inputs run.
-
-    Returns:
-        ``out`` or a new [..., d] array of x's dtype.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, value in (("alpha", alpha), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     kind = validation.float_array("x", x)
     if x.ndim == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension [..., 2d], got shape {tuple(x.shape)}")
@@ -75,18 +89,42 @@ def silu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
     arrays = {"x": x} if out is None else {"x": x, "out": out}
     queue = placement(arrays, {kind}, device)
     if queue is None:
-        result = reference.silu_and_mul(to_host(x))
+        result = reference.act_and_mul(to_host(x), activation, alpha, limit)
     else:
         from .kernels.activation import make_silu_and_mul_kernel
 
         src = to_device(x, queue)
         dst = empty(out_shape, kind, queue)
         if dst.size:
-            make_silu_and_mul_kernel(kind, kind, kind)(
-                src.reshape(-1), src.reshape(-1), dst.reshape(-1), dst.size // d, d, 2 * d, 2 * d, d,
+            interleaved = activation == "swigluoai"
+            make_silu_and_mul_kernel(kind, kind, kind, activation)(
+                src.reshape(-1), src.reshape(-1), dst.reshape(-1), dst.size // d, d, 2 * d, 2 * d,
+                1 if interleaved else d, 2 if interleaved else 1, alpha, limit,
             )
         result = from_device(dst, kind, returns_numpy({"x": x}))
     if out is None:
         return result
     out[...] = result
     return out
+
+
+def silu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d] (vLLM's convention); see
+    :func:`act_and_mul` for the arguments."""
+    return act_and_mul(x, "silu", out, device=device)
+
+
+def gelu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
+    """``gelu(x[..., :d]) * x[..., d:]`` with the exact (erf) GELU; see :func:`act_and_mul`."""
+    return act_and_mul(x, "gelu", out, device=device)
+
+
+def gelu_tanh_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:
+    """``gelu_tanh(x[..., :d]) * x[..., d:]`` (tanh approximation); see :func:`act_and_mul`."""
+    return act_and_mul(x, "gelu_tanh", out, device=device)
+
+
+def swigluoai_and_mul(x: Any, out: Any = None, alpha: float = 1.702, limit: float = 7.0, *,
+                      device: Any = None) -> Any:
+    """GPT-OSS's clamped SwiGLU on interleaved gate/up; see :func:`act_and_mul`."""
+    return act_and_mul(x, "swigluoai", out, alpha=alpha, limit=limit, device=device)

@@ -8,6 +8,8 @@ Inputs are assumed valid: the public functions validate before calling them.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -23,24 +25,85 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (F32(1) + np.exp(-x))
 
 
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values per row, ties to the smaller index (stable sort)."""
+    return np.argsort(-values, axis=-1, kind="stable")[..., :k].astype(np.int32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True, dtype=F32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return F32(1) / (F32(1) + np.exp(-logits))
+
+
 def topk_softmax(
-    gating_logits: np.ndarray, top_k: int, renormalize: bool = False
+    gating_logits: np.ndarray, top_k: int, renormalize: bool = False, scoring: str = "softmax"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over all experts in float32, then the top-k; ties pick the smaller index.
 
     ``gating_logits`` [T, E] -> (``topk_weights`` [T, k] float32, ``topk_ids`` [T, k] int32).
     Selection uses the logits (softmax is monotonic), so equal probabilities that come from
-    different logits still order by logit.
+    different logits still order by logit. ``scoring="softmax_after_topk"`` (GPT-OSS) picks
+    the top-k logits first and takes the softmax over those k only.
     """
     logits = _f32(gating_logits)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True, dtype=F32)
-    # stable sort of -logits: descending value, ascending index among ties
-    ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k].astype(np.int32)
-    weights = np.take_along_axis(probs, ids, axis=1).astype(F32)
+    ids = _top(logits, top_k)
+    if scoring == "softmax_after_topk":
+        return softmax(np.take_along_axis(logits, ids, axis=1)).astype(F32), ids
+    weights = np.take_along_axis(softmax(logits), ids, axis=1).astype(F32)
     if renormalize:
         weights = weights / weights.sum(axis=1, keepdims=True, dtype=F32)
     return weights, ids
+
+
+def topk_sigmoid(
+    gating_logits: np.ndarray, top_k: int, renormalize: bool = False,
+    correction_bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores; top-k by score (+ ``correction_bias`` [E] when given); the weights
+    are the unbiased scores of the chosen experts, divided by their sum if ``renormalize``."""
+    return grouped_topk(gating_logits, top_k, 1, 1, renormalize, "sigmoid", correction_bias,
+                        1.0, _epsilon=F32(0))
+
+
+def grouped_topk(
+    gating_logits: np.ndarray, top_k: int, num_expert_group: int, topk_group: int,
+    renormalize: bool = True, scoring_func: str = "softmax",
+    correction_bias: np.ndarray | None = None, routed_scaling_factor: float = 1.0,
+    _epsilon: np.float32 = F32(1e-20),
+) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-style routing: experts in ``num_expert_group`` equal groups; keep the best
+    ``topk_group`` groups, then the top-k experts inside them.
+
+    Scores are softmax or sigmoid of the logits. A group's score is its best expert score,
+    or with ``correction_bias`` the sum of its two best biased scores. Experts are chosen by
+    (biased) score, weighted by their unbiased score, renormalized by ``sum + 1e-20`` and
+    multiplied by ``routed_scaling_factor`` once. Ties pick the smaller index.
+    """
+    logits = _f32(gating_logits)
+    num_tokens, num_experts = logits.shape
+    scores = softmax(logits) if scoring_func == "softmax" else sigmoid(logits)
+    chosen_by = scores if correction_bias is None else scores + _f32(correction_bias)
+    grouped = chosen_by.reshape(num_tokens, num_expert_group, num_experts // num_expert_group)
+    if num_expert_group == 1:  # one group is always kept (and may hold a single expert)
+        group_scores = np.zeros((num_tokens, 1), dtype=F32)
+    elif correction_bias is None:
+        group_scores = grouped.max(axis=-1)
+    else:
+        best_two = -np.sort(-grouped, axis=-1)[..., :2]
+        group_scores = best_two[..., 0] + best_two[..., 1]
+    kept = np.zeros((num_tokens, num_expert_group), dtype=bool)
+    np.put_along_axis(kept, _top(group_scores, topk_group), True, axis=1)
+    masked = np.where(np.repeat(kept, num_experts // num_expert_group, axis=1), chosen_by, -np.inf)
+    ids = _top(masked, top_k)
+    weights = np.take_along_axis(scores, ids, axis=1).astype(F32)
+    if renormalize:
+        weights = weights / (weights.sum(axis=1, keepdims=True, dtype=F32) + _epsilon)
+    return (weights * F32(routed_scaling_factor)).astype(F32), ids
 
 
 def moe_align_block_size(
@@ -75,11 +138,33 @@ def moe_align_block_size(
     return sorted_ids, experts_ids, np.array([position], dtype=np.int32)
 
 
-def silu_and_mul(x: np.ndarray) -> np.ndarray:
-    """``x`` [..., 2d] -> silu(x[..., :d]) * x[..., d:], in x's dtype."""
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), erf in float64 (NumPy has none)."""
+    erf = np.frompyfunc(math.erf, 1, 1)
+    return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64))).astype(F32)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    inner = F32(math.sqrt(2.0 / math.pi)) * (x + F32(0.044715) * x * x * x)
+    return F32(0.5) * x * (F32(1) + np.tanh(inner))
+
+
+def act_and_mul(x: np.ndarray, activation: str = "silu", alpha: float = 1.702,
+                limit: float = 7.0) -> np.ndarray:
+    """``x`` [..., 2d] -> act(gate) * up, in x's dtype (see dpmoe.activation.act_and_mul)."""
     d = x.shape[-1] // 2
     xf = _f32(x)
-    return (silu(xf[..., :d]) * xf[..., d:]).astype(x.dtype)
+    if activation == "swigluoai":
+        gate = np.minimum(xf[..., ::2], F32(limit))
+        up = np.clip(xf[..., 1::2], -F32(limit), F32(limit))
+        return (gate * sigmoid(F32(alpha) * gate) * (up + F32(1))).astype(x.dtype)
+    act = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh}[activation]
+    return (act(xf[..., :d]) * xf[..., d:]).astype(x.dtype)
+
+
+def silu_and_mul(x: np.ndarray) -> np.ndarray:
+    """``x`` [..., 2d] -> silu(x[..., :d]) * x[..., d:], in x's dtype."""
+    return act_and_mul(x, "silu")
 
 
 def silu_and_mul_moe(gate_output: np.ndarray, up_output: np.ndarray) -> None:

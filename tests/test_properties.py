@@ -101,3 +101,32 @@ def test_silu_and_mul_both_forms(seed, rows, d, dtype):
     gate, up = x[:, :d].copy(), x[:, d:].copy()
     dpmoe.silu_and_mul_moe(gate, up)
     assert_close(gate, reference.silu_and_mul(x))
+
+
+@given(seeds, st.integers(0, 200), st.integers(1, 8), st.integers(1, 10), st.data(), dtypes,
+       st.sampled_from(["softmax", "sigmoid"]), st.booleans(), st.booleans())
+def test_grouped_topk(seed, num_tokens, groups, group_size, data, dtype, scoring, bias, renormalize):
+    num_experts = groups * group_size
+    topk_group = data.draw(st.integers(1, groups))
+    top_k = data.draw(st.integers(1, min(8, topk_group * group_size)))
+    scale = data.draw(st.sampled_from([1.0, 2.5]))
+    rng = np.random.default_rng(seed)
+    logits = normal(rng, (num_tokens, num_experts), dtype, 3.0)
+    b = normal(rng, (num_experts,), np.float32, 0.2) if bias and (group_size >= 2 or groups == 1) else None
+    got = dpmoe.grouped_topk(logits, top_k, groups, topk_group, renormalize, scoring, b, scale)
+    want = reference.grouped_topk(logits, top_k, groups, topk_group, renormalize, scoring, b, scale)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=5e-6, atol=1e-7)
+
+
+@given(seeds, st.integers(0, 200), st.integers(1, 80), st.data(), dtypes)
+def test_softmax_after_topk_and_sigmoid(seed, num_tokens, num_experts, data, dtype):
+    top_k = data.draw(st.integers(1, min(num_experts, 8)))
+    logits = normal(np.random.default_rng(seed), (num_tokens, num_experts), dtype, 3.0)
+    for got, want in (
+        (dpmoe.topk_softmax(logits, top_k, scoring="softmax_after_topk"),
+         reference.topk_softmax(logits, top_k, scoring="softmax_after_topk")),
+        (dpmoe.topk_sigmoid(logits, top_k, True), reference.topk_sigmoid(logits, top_k, True)),
+    ):
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=5e-6, atol=1e-7)

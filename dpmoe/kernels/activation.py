@@ -1,4 +1,5 @@
-"""SiLU-and-mul: ``out = silu(gate) * up``, one work-item per output element."""
+"""Gated activations ``out = act(gate) * up`` (SiLU, GELU, tanh-GELU, GPT-OSS's clamped
+SwiGLU), one work-item per output element."""
 
 import math
 from functools import lru_cache
@@ -15,34 +16,69 @@ def silu_f32(g):
     return g / (np.float32(1.0) + math.exp(-g))
 
 
+@dpex.device_func
+def silu_mul(g, u, alpha, limit):
+    return silu_f32(g) * u
+
+
+@dpex.device_func
+def gelu_mul(g, u, alpha, limit):
+    return np.float32(0.5) * g * (np.float32(1.0) + math.erf(g * np.float32(0.7071067811865476))) * u
+
+
+@dpex.device_func
+def gelu_tanh_mul(g, u, alpha, limit):
+    inner = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
+    return np.float32(0.5) * g * (np.float32(1.0) + math.tanh(inner)) * u
+
+
+@dpex.device_func
+def swigluoai_mul(g, u, alpha, limit):
+    g = min(g, limit)
+    u = min(max(u, -limit), limit)
+    return g / (np.float32(1.0) + math.exp(-alpha * g)) * (u + np.float32(1.0))
+
+
+_ACTIVATIONS = {"silu": silu_mul, "gelu": gelu_mul, "gelu_tanh": gelu_tanh_mul,
+                "swigluoai": swigluoai_mul}
+
+
 @lru_cache(maxsize=None)
-def make_silu_and_mul_kernel(gate_kind: str, up_kind: str, out_kind: str):
+def make_silu_and_mul_kernel(gate_kind: str, up_kind: str, out_kind: str,
+                             activation: str = "silu"):
+    """``out[row, col] = act(gate[row, col]) * up[row, col]`` for element positions
+    ``row * stride + offset + col * col_stride`` of each input."""
     load_gate = loader(gate_kind)
     load_up = loader(up_kind)
     store = storer(out_kind)
+    act_mul = _ACTIVATIONS[activation]
 
     @dpex.kernel
-    def silu_and_mul_kernel(
+    def act_and_mul_kernel(
         item: kapi.Item,
-        gate,  # IN  rows of gate_stride elements, gate at [0, d)
-        up,  # IN  rows of up_stride elements, up at [up_offset, up_offset + d)
+        gate,  # IN  gate values at row * gate_stride + col * col_stride
+        up,  # IN  up values at row * up_stride + up_offset + col * col_stride
         out,  # OUT rows of d elements (may be ``gate`` itself: each element is read first)
         d,
         gate_stride,
         up_stride,
         up_offset,
+        col_stride,
+        alpha,
+        limit,
     ):
         i = item.get_id(0)
         row = i // d
         col = i - row * d
-        g = load_gate(gate, row * gate_stride + col)
-        u = load_up(up, row * up_stride + up_offset + col)
-        store(out, i, silu_f32(g) * u)
+        g = load_gate(gate, row * gate_stride + col * col_stride)
+        u = load_up(up, row * up_stride + up_offset + col * col_stride)
+        store(out, i, act_mul(g, u, alpha, limit))
 
-    def launch(gate, up, out, rows, d, gate_stride, up_stride, up_offset):
+    def launch(gate, up, out, rows, d, gate_stride, up_stride, up_offset, col_stride=1,
+               alpha=1.702, limit=7.0):
         dpex.call_kernel(
-            silu_and_mul_kernel, dpex.Range(rows * d), gate, up, out, d,
-            gate_stride, up_stride, up_offset,
+            act_and_mul_kernel, dpex.Range(rows * d), gate, up, out, d,
+            gate_stride, up_stride, up_offset, col_stride, np.float32(alpha), np.float32(limit),
         )
 
     return launch

@@ -1,4 +1,9 @@
-"""Top-k softmax routing: one work-item per token."""
+"""Routing kernels: one work-item per token.
+
+Every selection takes k passes; each pass takes the best candidate strictly after the
+previous pick in the order (value descending, index ascending), so ties go to the smaller
+index and nothing needs to be marked as taken.
+"""
 
 import math
 from functools import lru_cache
@@ -11,7 +16,8 @@ from .numerics import loader
 
 
 @lru_cache(maxsize=None)
-def make_topk_softmax_kernel(logits_kind: str):
+def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
+    """Softmax over all experts then top-k, or (``after_topk``) top-k logits then softmax."""
     load = loader(logits_kind)
 
     @dpex.kernel
@@ -32,9 +38,6 @@ def make_topk_softmax_kernel(logits_kind: str):
         total = np.float32(0.0)
         for e in range(num_experts):
             total += math.exp(load(logits, base + e) - largest)
-        # k selection passes over the logits; each pass takes the best element strictly
-        # after the previous pick in the order (logit descending, index ascending), so ties
-        # go to the smaller expert index and nothing needs to be marked as taken
         prev_value = np.float32(np.inf)
         prev_index = -1
         picked_sum = np.float32(0.0)
@@ -53,7 +56,15 @@ def make_topk_softmax_kernel(logits_kind: str):
             picked_sum += w
             prev_value = best_value
             prev_index = best_index
-        if renormalize != 0:
+        if after_topk:  # softmax over the k picked logits; the first pick is their maximum
+            first = load(logits, base + ids[t * top_k])
+            picked_total = np.float32(0.0)
+            for j in range(top_k):
+                picked_total += math.exp(load(logits, base + ids[t * top_k + j]) - first)
+            for j in range(top_k):
+                v = load(logits, base + ids[t * top_k + j])
+                weights[t * top_k + j] = math.exp(v - first) / picked_total
+        elif renormalize != 0:
             for j in range(top_k):
                 weights[t * top_k + j] = weights[t * top_k + j] / picked_sum
 
@@ -61,6 +72,109 @@ def make_topk_softmax_kernel(logits_kind: str):
         dpex.call_kernel(
             topk_softmax_kernel, dpex.Range(num_tokens), logits, weights, ids,
             num_experts, top_k, int(renormalize),
+        )
+
+    return launch
+
+
+@lru_cache(maxsize=None)
+def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool):
+    """Grouped top-k (DeepSeek): best groups first, then the best experts inside them."""
+    load = loader(logits_kind)
+
+    @dpex.device_func
+    def score(v, largest, total):
+        if use_sigmoid:
+            return np.float32(1.0) / (np.float32(1.0) + math.exp(-v))
+        return math.exp(v - largest) / total
+
+    @dpex.kernel
+    def grouped_topk_kernel(
+        item: kapi.Item,
+        logits,  # IN  (T * E) any float kind
+        bias,  # IN  (E) float32 correction bias, read only when has_bias
+        weights,  # OUT (T * k) float32
+        ids,  # OUT (T * k) int32
+        num_experts,
+        group_size,
+        num_groups,
+        topk_group,
+        top_k,
+        renormalize,
+        epsilon,
+        scale,
+    ):
+        t = item.get_id(0)
+        base = t * num_experts
+        largest = np.float32(0.0)
+        total = np.float32(1.0)
+        if not use_sigmoid:
+            largest = load(logits, base)
+            for e in range(1, num_experts):
+                largest = max(largest, load(logits, base + e))
+            total = np.float32(0.0)
+            for e in range(num_experts):
+                total += math.exp(load(logits, base + e) - largest)
+        # groups: best-score (or best-two biased sum) order; kept ones as a bit mask
+        kept = 0
+        prev_value = np.float32(np.inf)
+        prev_index = -1
+        for _ in range(topk_group):
+            best_value = np.float32(-np.inf)
+            best_index = -1
+            for g in range(num_groups):
+                first = np.float32(-np.inf)
+                second = np.float32(-np.inf)
+                for e in range(g * group_size, (g + 1) * group_size):
+                    v = score(load(logits, base + e), largest, total)
+                    if has_bias:
+                        v += bias[e]
+                    if v > first:
+                        second = first
+                        first = v
+                    elif v > second:
+                        second = v
+                value = first + second if has_bias else first
+                after_prev = value < prev_value or (value == prev_value and g > prev_index)
+                if after_prev and (best_index < 0 or value > best_value):
+                    best_value = value
+                    best_index = g
+            kept |= 1 << best_index
+            prev_value = best_value
+            prev_index = best_index
+        prev_value = np.float32(np.inf)
+        prev_index = -1
+        picked_sum = np.float32(0.0)
+        for j in range(top_k):
+            best_value = np.float32(-np.inf)
+            best_index = -1
+            for e in range(num_experts):
+                if (kept >> (e // group_size)) & 1:
+                    v = score(load(logits, base + e), largest, total)
+                    if has_bias:
+                        v += bias[e]
+                    after_prev = v < prev_value or (v == prev_value and e > prev_index)
+                    if after_prev and (best_index < 0 or v > best_value):
+                        best_value = v
+                        best_index = e
+            w = score(load(logits, base + best_index), largest, total)
+            weights[t * top_k + j] = w
+            ids[t * top_k + j] = best_index
+            picked_sum += w
+            prev_value = best_value
+            prev_index = best_index
+        for j in range(top_k):
+            w = weights[t * top_k + j]
+            if renormalize != 0:
+                w = w / (picked_sum + epsilon)
+            weights[t * top_k + j] = w * scale
+
+    def launch(logits, bias, weights, ids, num_tokens, num_experts, num_groups, topk_group,
+               top_k, renormalize, epsilon, scale):
+        dpex.call_kernel(
+            grouped_topk_kernel, dpex.Range(num_tokens), logits, bias, weights, ids,
+            num_experts, num_experts // num_groups, num_groups, topk_group, top_k,
+            int(renormalize), np.float32(epsilon), np.float32(scale),
         )
 
     return launch

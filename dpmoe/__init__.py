@@ -8,12 +8,12 @@ SiLU-and-mul (:func:`silu_and_mul_moe`, :func:`silu_and_mul`), weighted reductio
 NumPy inputs run on the default SYCL device and come back as NumPy.
 """
 
-from . import reference
 from .activation import (act_and_mul, gelu_and_mul, gelu_tanh_and_mul, silu_and_mul,
                          silu_and_mul_moe, swigluoai_and_mul)
 from .alignment import moe_align_block_size
 from .device import FallbackError, info
-from .fused_moe import fused_moe_forward
+from . import layouts, reference
+from .fused_moe import fused_experts, fused_moe_forward
 from .grouped_gemm import grouped_gemm_moe
 from .layer import MoELayer
 from .reduction import moe_sum
@@ -28,7 +28,9 @@ __all__ = [
     "gelu_tanh_and_mul",
     "swigluoai_and_mul",
     "MoELayer",
+    "fused_experts",
     "fused_moe_forward",
+    "layouts",
     "grouped_gemm_moe",
     "info",
     "moe_align_block_size",

@@ -86,6 +86,7 @@ def moe_align_block_size(
     experts_ids: Any = None,
     num_tokens_post_pad: Any = None,
     *,
+    expert_map: Any = None,
     device: Any = None,
 ) -> tuple[Any, Any, Any] | None:
     """Group routing slots by expert, each expert padded to whole blocks (vLLM semantics).
@@ -97,6 +98,9 @@ def moe_align_block_size(
         sorted_token_ids, experts_ids, num_tokens_post_pad: optional int32 output buffers of
             lengths ``T*k + E*(block_size-1)``, ``ceil(that / block_size)`` and 1; give all
             three (filled in place, returns None) or none (the arrays are returned).
+        expert_map: optional [E_global] int map from global to local expert ids (-1: not on
+            this device); ``topk_ids`` are then global, ``num_experts`` counts local experts,
+            and slots of non-local experts are left out.
         device: where NumPy inputs run.
 
     Returns:
@@ -106,7 +110,11 @@ def moe_align_block_size(
     num_experts = validation.positive_int("num_experts", num_experts)
     block_size = validation.positive_int("block_size", block_size)
     validation.array("topk_ids", topk_ids, 2)
-    validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape), num_experts)
+    from .fused_moe import _check_extras, _local_ids
+
+    extra, _, global_experts = _check_extras(num_experts, 1, 1, "silu", None, None, None, 1.0,
+                                             expert_map, 1.0, 1.0)
+    validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape), global_experts)
     buffers = {"sorted_token_ids": sorted_token_ids, "experts_ids": experts_ids,
                "num_tokens_post_pad": num_tokens_post_pad}
     given = [b is not None for b in buffers.values()]
@@ -117,8 +125,9 @@ def moe_align_block_size(
     if all(given):
         for (name, buf), length in zip(buffers.items(), (capacity, n_blocks, 1)):
             _check_buffer(name, buf, length)
-    arrays = {"topk_ids": topk_ids, **{k: v for k, v in buffers.items() if v is not None}}
+    arrays = {"topk_ids": topk_ids, **extra, **{k: v for k, v in buffers.items() if v is not None}}
     queue = placement(arrays, set(), device)
+    topk_ids = _local_ids(topk_ids, expert_map)
     if queue is None:
         result = reference.moe_align_block_size(to_host(topk_ids), num_experts, block_size)
     else:

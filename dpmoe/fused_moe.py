@@ -11,18 +11,37 @@ Two execution paths give the same result (within float32 rounding):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import reference, validation
 from .alignment import align_on_device
-from .arrays import as_words, empty, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
+from .arrays import as_words, empty, float_kind, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement, returns_numpy
 from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmul,
                            expert_matmul_bf16, gather_rows, plan_layout, use_onemkl_bf16)
 from .memory import GIB, check_fits, tokens_per_chunk
 from .reduction import weighted_sum
+
+
+@dataclass
+class ExpertOptions:
+    """What the experts compute besides plain SwiGLU: activation, biases, output scale."""
+
+    activation: str = "silu"
+    alpha: float = 1.702  # swigluoai
+    limit: float = 7.0  # swigluoai
+    gate_bias: Any = None  # (E * I) device storage, with up_bias
+    up_bias: Any = None
+    bias_kind: str | None = None  # storage kind of gate_bias / up_bias
+    down_bias: Any = None  # (E * H) device storage
+    down_bias_kind: str = "float32"
+    scale: float = 1.0  # routed_scaling_factor
+
+
+DEFAULT_OPTIONS = ExpertOptions()
 
 
 class ExpertWeights:
@@ -106,8 +125,13 @@ class ExpertWeights:
         return widened
 
 
+def act_placeholder(queue: Any) -> Any:
+    """A one-element float32 array for a reduction whose every slot is skipped."""
+    return dpnp.zeros(1, dtype=np.float32, sycl_queue=queue)
+
+
 def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
-                 top_k: int, renormalize: bool, out: Any) -> None:
+                 top_k: int, renormalize: bool, out: Any, options: ExpertOptions) -> None:
     from .kernels.activation import make_silu_and_mul_kernel
 
     num_experts, _, inter = experts.shape
@@ -115,7 +139,21 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
     bf16 = use_onemkl_bf16(queue, x_kind, experts.kind)
     layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
                          num_experts, DEFAULT_BLOCK_SIZE, may_stack=not bf16)
-    silu_and_mul = make_silu_and_mul_kernel("float32", "float32", "bfloat16" if bf16 else "float32")
+    if layout.n_rows == 0:  # every slot's expert lives on another device
+        weighted_sum(act_placeholder(queue), "float32", layout.row_of_slot, weights, ids, out,
+                     x_kind, top_k, renormalize, scale=options.scale)
+        return
+    act_kernel = make_silu_and_mul_kernel("float32", "float32", "bfloat16" if bf16 else "float32",
+                                          options.activation, options.bias_kind)
+    biases = {}
+    if options.gate_bias is not None:
+        biases = dict(row_expert=layout.row_expert(queue), gate_bias=options.gate_bias,
+                      up_bias=options.up_bias)
+
+    def silu_and_mul(gate, up, out, rows, d, gate_stride, up_stride, up_offset):
+        act_kernel(gate, up, out, rows, d, gate_stride, up_stride, up_offset, 1,
+                   options.alpha, options.limit, **biases)
+
     if bf16:
         # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
         # for the down GEMM, as any bf16 GEMM pipeline does
@@ -135,7 +173,8 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         silu_and_mul(gate.reshape(-1), up.reshape(-1), gate.reshape(-1), layout.n_rows, inter,
                      inter, inter, 0)
         down = expert_matmul(gate, down_w, layout)
-    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, x_kind, top_k, renormalize)
+    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, x_kind, top_k, renormalize,
+                 options.down_bias, options.down_bias_kind, scale=options.scale)
 
 
 def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarray, int, int]:
@@ -147,19 +186,22 @@ def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarr
     """
     flat = ids.reshape(-1)
     n_slots = flat.size
-    counts = np.bincount(flat, minlength=num_experts)
+    local = flat >= 0  # ids < 0: experts on another device, given no position
+    counts = np.bincount(flat[local], minlength=num_experts)
     blocks = -(-counts // block)
     n_blocks = int(blocks.sum())
     n_pos = n_blocks * block
     first_pos = np.concatenate(([0], np.cumsum(blocks)[:-1])) * block
     first_sorted = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    order = np.argsort(flat, kind="stable")  # slots by expert, ascending inside each
+    # local slots by expert, ascending inside each (non-local ones sort first: dropped)
+    order = np.argsort(flat, kind="stable")[n_slots - int(local.sum()):]
     experts_sorted = flat[order]
-    pos = first_pos[experts_sorted] + (np.arange(n_slots) - first_sorted[experts_sorted])
+    pos = first_pos[experts_sorted] + (np.arange(order.size) - first_sorted[experts_sorted])
     meta = np.empty(n_pos + n_blocks + n_slots, dtype=np.int32)
     meta[:n_pos] = n_slots
     meta[pos] = order
     meta[n_pos:n_pos + n_blocks] = np.repeat(np.arange(num_experts), blocks)
+    meta[n_pos + n_blocks:] = -1
     meta[n_pos + n_blocks + order] = pos
     return meta, n_pos, n_blocks
 
@@ -170,32 +212,38 @@ PER_TOKEN_BLOCK = 4
 
 
 def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
-                   top_k: int, renormalize: bool, out: Any) -> None:
-    from .kernels.gemv import finish_gate_up, make_block_gemv_kernel, splits
+                   top_k: int, renormalize: bool, out: Any, options: ExpertOptions) -> None:
+    from .kernels.gemv import make_block_gemv_kernel, make_finish_gate_up_kernel, splits
 
     num_experts, hidden, inter = experts.shape
     queue = x.sycl_queue
     n_slots = ids.shape[0]
     ids_host = dpnp.asnumpy(ids)
-    shared = np.bincount(ids_host, minlength=num_experts).max(initial=0) > 1
+    shared = np.bincount(ids_host[ids_host >= 0], minlength=num_experts).max(initial=0) > 1
     block = PER_TOKEN_BLOCK if shared else 1
     meta, n_pos, n_blocks = plan_blocks(ids_host, num_experts, block)
     meta = dpnp.asarray(meta, sycl_queue=queue)
     slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
     row_of_slot = meta[n_pos + n_blocks:]
     (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
+    if n_pos == 0:  # every slot's expert lives on another device
+        weighted_sum(act_placeholder(queue), "float32", row_of_slot, weights, ids, out, x_kind,
+                     top_k, renormalize, scale=options.scale)
+        return
 
     partial = dpnp.empty(splits(hidden) * n_pos * 2 * inter, dtype=np.float32, sycl_queue=queue)
     make_block_gemv_kernel(x_kind, experts.kind, block, cols_gu, True, True)(
         x.reshape(-1), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
     act = dpnp.empty(n_pos * inter, dtype=np.float32, sycl_queue=queue)
-    finish_gate_up(partial, act, inter, hidden, n_pos)
+    make_finish_gate_up_kernel(options.activation, options.bias_kind)(
+        partial, act, inter, hidden, n_pos, block, block_expert, options)
 
     partial = dpnp.empty(splits(inter) * n_pos * hidden, dtype=np.float32, sycl_queue=queue)
     make_block_gemv_kernel("float32", experts.kind, block, cols_d, False, False)(
         act, down, down, slot_of_pos, block_expert, partial, inter, hidden, top_k, n_slots)
     weighted_sum(partial, "float32", row_of_slot, weights, ids, out, x_kind, top_k, renormalize,
-                 n_parts=splits(inter), part_rows=n_pos)
+                 options.down_bias, options.down_bias_kind, n_parts=splits(inter), part_rows=n_pos,
+                 scale=options.scale)
 
 
 def chunk_bytes_per_token(top_k: int, hidden: int, inter: int, grouped: bool) -> int:
@@ -226,7 +274,8 @@ def check_memory(queue: Any, num_tokens: int, experts_shape: tuple[int, int, int
 
 
 def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any,
-                  topk_indices: Any, top_k: int, renormalize: bool, grouped: bool) -> Any:
+                  topk_indices: Any, top_k: int, renormalize: bool, grouped: bool,
+                  options: ExpertOptions = DEFAULT_OPTIONS) -> Any:
     """The forward on validated inputs; ``x`` in storage form on the experts' queue.
 
     Tokens go through in chunks whose float32 intermediates stay under the memory budget
@@ -245,7 +294,7 @@ def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any
     for first in range(0, num_tokens, chunk):
         last = min(first + chunk, num_tokens)
         run(x[first:last], x_kind, experts, weights[first * top_k:last * top_k],
-            ids[first * top_k:last * top_k], top_k, renormalize, out[first:last])
+            ids[first * top_k:last * top_k], top_k, renormalize, out[first:last], options)
     return out
 
 
@@ -265,6 +314,57 @@ def check_experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
     return kind
 
 
+def _check_extras(num_experts: int, hidden: int, inter: int, activation: str,
+                  gate_bias: Any, up_bias: Any, down_bias: Any, scale: Any,
+                  expert_map: Any, alpha: Any, limit: Any) -> tuple[dict, set, int]:
+    """Validates the optional expert arguments; returns (arrays by name, float kinds,
+    the number of global expert ids)."""
+    from .activation import ACTIVATIONS
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, value in (("routed_scaling_factor", scale), ("alpha", alpha), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    arrays, kinds = {}, set()
+    if (gate_bias is None) != (up_bias is None):
+        raise ValueError("gate_bias and up_bias must be given together")
+    for name, bias, expected in (("gate_bias", gate_bias, (num_experts, inter)),
+                                 ("up_bias", up_bias, (num_experts, inter)),
+                                 ("down_bias", down_bias, (num_experts, hidden))):
+        if bias is not None:
+            kinds.add(validation.float_array(name, bias, 2))
+            validation.shape(name, bias, expected, "[E, I]" if name != "down_bias" else "[E, H]")
+            arrays[name] = bias
+    if gate_bias is not None and validation.float_array("up_bias", up_bias) != validation.float_array("gate_bias", gate_bias):
+        raise TypeError("up_bias must have gate_bias' dtype")
+    global_experts = num_experts
+    if expert_map is not None:
+        validation.array("expert_map", expert_map, 1)
+        if not np.issubdtype(np.dtype(expert_map.dtype), np.integer):
+            raise TypeError(f"expert_map must have an integer dtype, got {expert_map.dtype}")
+        global_experts = expert_map.shape[0]
+        if global_experts == 0:
+            raise ValueError("expert_map must map at least one global expert")
+        low, high = validation._min_max(expert_map)
+        if low < -1 or high >= num_experts:
+            raise ValueError(f"expert_map must hold local ids in [-1, {num_experts}) "
+                             f"(-1: not on this device), found {int(low if low < -1 else high)}")
+        arrays["expert_map"] = expert_map
+    return arrays, kinds, global_experts
+
+
+def _local_ids(topk_indices: Any, expert_map: Any) -> Any:
+    """Global expert ids mapped through ``expert_map`` (where the ids are)."""
+    if expert_map is None:
+        return topk_indices
+    if is_device_array(topk_indices):
+        table = expert_map if is_device_array(expert_map) else dpnp.asarray(
+            expert_map, sycl_queue=topk_indices.sycl_queue)
+        return dpnp.take(table.astype(np.int32), topk_indices.astype(np.int64))
+    return to_host(expert_map).astype(np.int32)[topk_indices]
+
+
 def fused_moe_forward(
     hidden_states: Any,
     gate_weights: Any,
@@ -277,24 +377,39 @@ def fused_moe_forward(
     inplace: bool = False,
     use_grouped_topk: bool = True,
     *,
+    activation: str = "silu",
+    gate_bias: Any = None,
+    up_bias: Any = None,
+    down_bias: Any = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: Any = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
     device: Any = None,
 ) -> Any:
     """The whole MoE expert computation for routed tokens.
 
-    ``out[t] = sum_j w[t, j] * down_e(silu(x_t @ gate_e) * (x_t @ up_e))`` with
-    ``e = topk_indices[t, j]`` and ``w`` renormalized to sum 1 per token when ``renormalize``.
+    ``out[t] = s * sum_j w[t, j] * (down_e(act(x_t @ gate_e + bg_e) * (x_t @ up_e + bu_e)) + bd_e)``
+    with ``e = topk_indices[t, j]``, ``w`` renormalized to sum 1 per token when
+    ``renormalize``, ``act`` SiLU by default, no biases and ``s = 1`` unless given.
 
     Args:
         hidden_states: [T, H] float32/float16/bfloat16 tokens.
         gate_weights, up_weights: [E, H, I] expert weights; down_weights: [E, I, H]; all
             three of one dtype (float32/float16/bfloat16, may differ from hidden_states').
         topk_weights: [T, top_k] float routing weights.
-        topk_indices: [T, top_k] int32/int64 expert ids in ``[0, E)``.
+        topk_indices: [T, top_k] int32/int64 expert ids in ``[0, E)`` (global ids in
+            ``[0, len(expert_map))`` with an ``expert_map``).
         top_k: experts per token, 1 <= top_k <= E.
         renormalize: divide each token's weights by their sum.
         inplace: write the result into ``hidden_states`` and return it.
         use_grouped_topk: True for the grouped (aligned, batched GEMM) path, False for the
             per-token GEMV path; both give the same result.
+        activation: "silu", "gelu", "gelu_tanh" or "swigluoai" (with ``alpha``, ``limit``).
+        gate_bias, up_bias: optional [E, I] biases (both or neither); down_bias: [E, H].
+        routed_scaling_factor: multiplies the output once.
+        expert_map: optional [E_global] int map from global expert id to local id, -1 for
+            experts on another device (expert parallelism): their slots add nothing.
         device: where NumPy inputs run.
 
     Returns:
@@ -302,25 +417,32 @@ def fused_moe_forward(
     """
     x_kind = validation.float_array("hidden_states", hidden_states, 2)
     w_kind = check_experts(gate_weights, up_weights, down_weights)
-    num_experts, hidden, _ = gate_weights.shape
+    num_experts, hidden, inter = gate_weights.shape
     num_tokens = hidden_states.shape[0]
     if hidden_states.shape[1] != hidden:
         raise ValueError(f"hidden_states must have shape [T, H] with H = {hidden} "
                          f"(gate_weights' dim 1), got {tuple(hidden_states.shape)}")
-    top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    extra, bias_kinds, global_experts = _check_extras(
+        num_experts, hidden, inter, activation, gate_bias, up_bias, down_bias,
+        routed_scaling_factor, expert_map, alpha, limit)
+    top_k = validation.positive_int("top_k", top_k, 1, global_experts)
     validation.routing_weights("topk_weights", topk_weights, (num_tokens, top_k))
-    validation.expert_ids("topk_indices", topk_indices, (num_tokens, top_k), num_experts)
+    validation.expert_ids("topk_indices", topk_indices, (num_tokens, top_k), global_experts)
     if inplace and isinstance(hidden_states, np.ndarray) and not hidden_states.flags.writeable:
         raise ValueError("hidden_states is read-only; inplace=True writes the result there")
     arrays = {"hidden_states": hidden_states, "gate_weights": gate_weights,
               "up_weights": up_weights, "down_weights": down_weights,
-              "topk_weights": topk_weights, "topk_indices": topk_indices}
-    queue = placement(arrays, {x_kind, w_kind}, device)
+              "topk_weights": topk_weights, "topk_indices": topk_indices, **extra}
+    queue = placement(arrays, {x_kind, w_kind} | bias_kinds, device)
     if queue is None:
+        host = {k: None if v is None else to_host(v) for k, v in
+                (("gate_bias", gate_bias), ("up_bias", up_bias), ("down_bias", down_bias),
+                 ("expert_map", expert_map))}
         result = reference.fused_moe_forward(
             to_host(hidden_states), to_host(gate_weights), to_host(up_weights),
             to_host(down_weights), to_host(topk_weights), to_host(topk_indices), top_k,
-            renormalize)
+            renormalize, activation=activation, routed_scaling_factor=routed_scaling_factor,
+            alpha=alpha, limit=limit, **host)
     else:
         on_host = [a for a in (gate_weights, up_weights, down_weights) if not is_device_array(a)]
         check_memory(
@@ -331,12 +453,74 @@ def fused_moe_forward(
             or use_onemkl_bf16(queue, x_kind, w_kind) else 3 * gate_weights.size * 4,
             what="fused_moe_forward",
         )
+        options = ExpertOptions(
+            activation=activation, alpha=float(alpha), limit=float(limit),
+            scale=float(routed_scaling_factor))
+        if gate_bias is not None:
+            options.gate_bias = to_device(gate_bias, queue).reshape(-1)
+            options.up_bias = to_device(up_bias, queue).reshape(-1)
+            options.bias_kind = float_kind("gate_bias", gate_bias)
+        if down_bias is not None:
+            options.down_bias = to_device(down_bias, queue).reshape(-1)
+            options.down_bias_kind = float_kind("down_bias", down_bias)
         experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
                                 persistent=False)
         out = run_on_device(to_device(hidden_states, queue), x_kind, experts, topk_weights,
-                            topk_indices, top_k, renormalize, use_grouped_topk)
+                            _local_ids(topk_indices, expert_map), top_k, renormalize,
+                            use_grouped_topk, options)
         result = from_device(out, x_kind, returns_numpy(arrays))
     if not inplace:
         return result
     hidden_states[...] = to_host(result) if isinstance(hidden_states, np.ndarray) else result
     return hidden_states
+
+
+def fused_experts(
+    hidden_states: Any,
+    w13: Any,
+    w2: Any,
+    topk_weights: Any,
+    topk_ids: Any,
+    activation: str = "silu",
+    b13: Any = None,
+    b2: Any = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: Any = None,
+    inplace: bool = False,
+    *,
+    device: Any = None,
+) -> Any:
+    """The MoE experts with vLLM/SGLang's weight layout (``x @ W^T``).
+
+    Args:
+        hidden_states: [T, H] tokens.
+        w13: [E, 2I, H]: rows [0, I) are gate, [I, 2I) up (for "swigluoai", GPT-OSS's
+            interleaved order: even rows gate, odd rows up).
+        w2: [E, H, I] down projection.
+        topk_weights, topk_ids: [T, k] routing (weights used as given).
+        activation: "silu", "gelu", "gelu_tanh" or "swigluoai".
+        b13: optional [E, 2I] bias of w13's rows; b2: optional [E, H].
+        routed_scaling_factor: multiplies the output once.
+        expert_map: optional global -> local expert ids, -1 = not on this device.
+        inplace: write the result into ``hidden_states``.
+        device: where NumPy inputs run.
+
+    The weights are converted to dpmoe's layout (:func:`dpmoe.layouts.from_w13`) on every
+    call, a copy of all expert weights; a model that reuses them should convert once (or
+    build an :class:`dpmoe.MoELayer`) and call :func:`fused_moe_forward`.
+    """
+    from .layouts import from_w13
+
+    gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
+    gate_bias = up_bias = None
+    if b13 is not None:
+        validation.array("b13", b13, 2)
+        validation.shape("b13", b13, (w13.shape[0], w13.shape[1]), "[E, 2I]")
+        inter = w13.shape[1] // 2
+        gate_bias, up_bias = ((b13[:, ::2], b13[:, 1::2]) if activation == "swigluoai"
+                              else (b13[:, :inter], b13[:, inter:]))
+    validation.array("topk_ids", topk_ids, 2)
+    return fused_moe_forward(
+        hidden_states, gate, up, down, topk_weights, topk_ids, topk_ids.shape[1], False, inplace,
+        activation=activation, gate_bias=gate_bias, up_bias=up_bias, down_bias=b2,
+        routed_scaling_factor=routed_scaling_factor, expert_map=expert_map, device=device)

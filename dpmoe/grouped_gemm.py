@@ -34,24 +34,35 @@ DEFAULT_BLOCK_SIZE = 16
 class GroupedLayout:
     """Where each routing slot's row lives in the grouped float32 row buffer."""
 
-    row_of_slot: Any  # (n_slots) int32 device array
+    row_of_slot: Any  # (n_slots) int32 device array, -1 for slots of non-local experts
     n_rows: int  # rows of the buffer
     rows_per_expert: int  # M when stacked, 0 for the per-expert layout
     segments: list  # per-expert layout: (expert, first row, rows) for experts with slots
+    num_experts: int = 0
+
+    def row_expert(self, queue: Any) -> Any:
+        """(n_rows) int32 device array: the expert each row belongs to (padding: 0)."""
+        if self.rows_per_expert:
+            owners = np.repeat(np.arange(self.num_experts, dtype=np.int32), self.rows_per_expert)
+        else:
+            owners = np.zeros(max(self.n_rows, 1), dtype=np.int32)
+            for expert, first, count in self.segments:
+                owners[first:first + count] = expert
+        return dpnp.asarray(owners, sycl_queue=queue)
 
 
 def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int,
                 may_stack: bool = True) -> GroupedLayout:
     counts = dpnp.asnumpy(aligned.counts)  # one small copy: layouts are sized on the host
     n_slots = int(counts.sum())
-    most = int(counts.max())
+    most = max(int(counts.max()), 1)
     if may_stack and num_experts * most <= STACK_PADDING_LIMIT * n_slots:
-        rows = ids * most + aligned.ranks
-        return GroupedLayout(rows.astype(np.int32), num_experts * most, most, [])
+        rows = dpnp.where(ids < 0, -1, ids * most + aligned.ranks)
+        return GroupedLayout(rows.astype(np.int32), num_experts * most, most, [], num_experts)
     padded = -(-counts // block_size) * block_size
     starts = np.concatenate(([0], np.cumsum(padded)[:-1]))
     segments = [(e, int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
-    return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments)
+    return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments, num_experts)
 
 
 def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,

@@ -14,8 +14,9 @@ from .device import dpnp, is_device_array, placement, returns_numpy
 def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids: Any,
                  out: Any, out_kind: str, top_k: int, renormalize: bool,
                  bias: Any = None, bias_kind: str = "float32", n_parts: int = 1,
-                 part_rows: int = 0) -> None:
-    """``out[t] = sum_j w[t, j] / (sum_j w[t, j] if renormalize) * (rows[row(t, j)] + bias[e])``.
+                 part_rows: int = 0, scale: float = 1.0) -> None:
+    """``out[t] = scale * sum_j w[t, j] / (sum_j w[t, j] if renormalize) * (rows[row(t, j)] + bias[e])``,
+    skipping slots whose row is -1 (their expert is on another device).
 
     With ``n_parts`` > 1, ``rows`` holds that many split-K partial buffers of ``part_rows``
     rows each, summed in order.
@@ -28,6 +29,7 @@ def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids:
         rows.reshape(-1), row_of_slot, weights, ids,
         bias.reshape(-1) if has_bias else weights,  # never read without a bias
         out.reshape(-1), num_tokens, n_cols, top_k, has_bias, renormalize, n_parts, part_rows,
+        scale,
     )
 
 

@@ -149,17 +149,26 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return F32(0.5) * x * (F32(1) + np.tanh(inner))
 
 
+def gated(gate: np.ndarray, up: np.ndarray, activation: str = "silu", alpha: float = 1.702,
+          limit: float = 7.0) -> np.ndarray:
+    """act(gate) * up in float32; swigluoai clamps gate at ``limit`` and up to +-limit and
+    returns gate * sigmoid(alpha * gate) * (up + 1)."""
+    if activation == "swigluoai":
+        gate = np.minimum(gate, F32(limit))
+        up = np.clip(up, -F32(limit), F32(limit))
+        return gate * sigmoid(F32(alpha) * gate) * (up + F32(1))
+    return {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh}[activation](gate) * up
+
+
 def act_and_mul(x: np.ndarray, activation: str = "silu", alpha: float = 1.702,
                 limit: float = 7.0) -> np.ndarray:
-    """``x`` [..., 2d] -> act(gate) * up, in x's dtype (see dpmoe.activation.act_and_mul)."""
+    """``x`` [..., 2d] -> act(gate) * up, in x's dtype (see dpmoe.activation.act_and_mul);
+    gate/up are the halves of x, or its even/odd elements for swigluoai."""
     d = x.shape[-1] // 2
     xf = _f32(x)
     if activation == "swigluoai":
-        gate = np.minimum(xf[..., ::2], F32(limit))
-        up = np.clip(xf[..., 1::2], -F32(limit), F32(limit))
-        return (gate * sigmoid(F32(alpha) * gate) * (up + F32(1))).astype(x.dtype)
-    act = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh}[activation]
-    return (act(xf[..., :d]) * xf[..., d:]).astype(x.dtype)
+        return gated(xf[..., ::2], xf[..., 1::2], activation, alpha, limit).astype(x.dtype)
+    return gated(xf[..., :d], xf[..., d:], activation).astype(x.dtype)
 
 
 def silu_and_mul(x: np.ndarray) -> np.ndarray:
@@ -221,23 +230,44 @@ def fused_moe_forward(
     topk_indices: np.ndarray,
     top_k: int = 2,
     renormalize: bool = True,
+    *,
+    activation: str = "silu",
+    gate_bias: np.ndarray | None = None,
+    up_bias: np.ndarray | None = None,
+    down_bias: np.ndarray | None = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: np.ndarray | None = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> np.ndarray:
-    """``out[t] = sum_j w[t, j] * down_e(silu(x_t @ gate_e) * (x_t @ up_e))`` [T, H].
+    """``out[t] = s * sum_j w[t, j] * (down_e(act(x_t @ gate_e + bg_e) * (x_t @ up_e + bu_e)) + bd_e)``.
 
-    Shapes: hidden_states [T, H], gate/up [E, H, I], down [E, I, H], topk [T, k].
-    ``renormalize`` scales each token's k weights to sum to 1 first.
+    Shapes: hidden_states [T, H], gate/up [E, H, I], down [E, I, H], topk [T, k], biases
+    [E, I], [E, I], [E, H]. ``renormalize`` scales each token's k weights to sum to 1 first;
+    ``s`` is ``routed_scaling_factor``. With ``expert_map`` (global id -> local id, -1 when
+    the expert lives elsewhere), ids are global and slots of non-local experts add nothing.
     """
     x = _f32(hidden_states)
     w = _f32(topk_weights)
     if renormalize:
         w = w / w.sum(axis=1, keepdims=True, dtype=F32)
+    ids = np.asarray(topk_indices) if expert_map is None else np.asarray(expert_map)[topk_indices]
     out = np.zeros(x.shape, dtype=F32)
     for t in range(x.shape[0]):
         for j in range(top_k):
-            e = int(topk_indices[t, j])
-            act = silu(x[t] @ _f32(gate_weights[e])) * (x[t] @ _f32(up_weights[e]))
-            out[t] += w[t, j] * (act @ _f32(down_weights[e]))
-    return out.astype(hidden_states.dtype)
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            g = x[t] @ _f32(gate_weights[e])
+            u = x[t] @ _f32(up_weights[e])
+            if gate_bias is not None:
+                g = g + _f32(gate_bias[e])
+                u = u + _f32(up_bias[e])
+            y = gated(g, u, activation, alpha, limit) @ _f32(down_weights[e])
+            if down_bias is not None:
+                y = y + _f32(down_bias[e])
+            out[t] += w[t, j] * y
+    return (out * F32(routed_scaling_factor)).astype(hidden_states.dtype)
 
 
 def moe_layer(
@@ -255,3 +285,36 @@ def moe_layer(
     return fused_moe_forward(
         hidden_states, gate_weights, up_weights, down_weights, weights, ids, top_k, False
     )
+
+
+def fused_experts(
+    hidden_states: np.ndarray,
+    w13: np.ndarray,
+    w2: np.ndarray,
+    topk_weights: np.ndarray,
+    topk_ids: np.ndarray,
+    activation: str = "silu",
+    b13: np.ndarray | None = None,
+    b2: np.ndarray | None = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: np.ndarray | None = None,
+) -> np.ndarray:
+    """vLLM's layout, written directly: ``h = x @ w13[e].T + b13[e]``,
+    ``y = act_and_mul(h) @ w2[e].T + b2[e]``, ``out = s * sum_j w * y`` [T, H]."""
+    x = _f32(hidden_states)
+    w = _f32(topk_weights)
+    ids = np.asarray(topk_ids) if expert_map is None else np.asarray(expert_map)[topk_ids]
+    out = np.zeros(x.shape, dtype=F32)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = x[t] @ _f32(w13[e]).T
+            if b13 is not None:
+                h = h + _f32(b13[e])
+            y = act_and_mul(h, activation) @ _f32(w2[e]).T
+            if b2 is not None:
+                y = y + _f32(b2[e])
+            out[t] += w[t, j] * y
+    return (out * F32(routed_scaling_factor)).astype(hidden_states.dtype)

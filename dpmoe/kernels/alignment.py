@@ -58,12 +58,15 @@ def scatter_slots_kernel(
     ranks,  # IN  (n_slots) int32
     starts,  # IN  (E) int32
     sorted_token_ids,  # OUT (capacity) int32, pre-filled with the sentinel n_slots
-    row_of_slot,  # OUT (n_slots) int32 padded position of each slot
+    row_of_slot,  # OUT (n_slots) int32 padded position of each slot, -1 for ids < 0
 ):
     s = item.get_id(0)
-    row = starts[ids[s]] + ranks[s]
-    sorted_token_ids[row] = s
-    row_of_slot[s] = row
+    if ids[s] < 0:  # an expert on another device (expert parallelism): no row here
+        row_of_slot[s] = -1
+    else:
+        row = starts[ids[s]] + ranks[s]
+        sorted_token_ids[row] = s
+        row_of_slot[s] = row
 
 
 def align_slots(ids, counts, ranks, starts, sorted_token_ids, experts_ids,

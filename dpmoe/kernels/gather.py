@@ -25,7 +25,9 @@ def make_gather_rows_kernel(src_kind: str, dst_kind: str):
         i = item.get_id(0)
         slot = i // row_len
         col = i - slot * row_len
-        store(dst, row_of_slot[slot] * row_len + col, load(src, (slot // top_k) * row_len + col))
+        row = row_of_slot[slot]
+        if row >= 0:  # -1: the slot's expert is not on this device
+            store(dst, row * row_len + col, load(src, (slot // top_k) * row_len + col))
 
     def launch(src, row_of_slot, dst, n_slots, row_len, top_k):
         dpex.call_kernel(

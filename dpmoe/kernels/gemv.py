@@ -21,7 +21,6 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
-from .activation import silu_f32
 from .numerics import loader, pair_loader
 
 # Rows each work-group streams between two barriers; more rows amortise the barrier, fewer
@@ -162,27 +161,53 @@ def splits(n_rows: int) -> int:
     return -(-n_rows // ROWS_PER_SPLIT)
 
 
-@dpex.kernel
-def finish_gate_up_kernel(
-    item: kapi.Item,
-    partial,  # IN  (n_splits * n_pos * 2 * I) float32, gate then up per position
-    act,  # OUT (n_pos * I) float32 silu(gate) * up
-    inter,
-    n_splits,
-    n_pos,
-):
-    i = item.get_id(0)
-    pos = i // inter
-    col = i - pos * inter
-    g = np.float32(0.0)
-    u = np.float32(0.0)
-    for s in range(n_splits):
-        base = (s * n_pos + pos) * 2 * inter + col
-        g += partial[base]
-        u += partial[base + inter]
-    act[i] = silu_f32(g) * u
+@lru_cache(maxsize=None)
+def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
+    """Sums the split-K partials of gate and up and applies the gated activation (with the
+    block's expert's biases when ``bias_kind`` is given)."""
+    from .activation import _ACTIVATIONS
 
+    act_mul = _ACTIVATIONS[activation]
+    has_bias = bias_kind is not None
+    load_bias = loader(bias_kind or "float32")
 
-def finish_gate_up(partial, act, inter, n_rows, n_pos):
-    dpex.call_kernel(finish_gate_up_kernel, dpex.Range(n_pos * inter), partial, act, inter,
-                     splits(n_rows), n_pos)
+    @dpex.kernel
+    def finish_gate_up_kernel(
+        item: kapi.Item,
+        partial,  # IN  (n_splits * n_pos * 2 * I) float32, gate then up per position
+        act,  # OUT (n_pos * I) float32 act(gate) * up
+        block_expert,  # IN (n_blocks) int32, read only with biases
+        gate_bias,  # IN (E * I), read only with biases
+        up_bias,  # IN (E * I), read only with biases
+        inter,
+        n_splits,
+        n_pos,
+        block,
+        alpha,
+        limit,
+    ):
+        i = item.get_id(0)
+        pos = i // inter
+        col = i - pos * inter
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for s in range(n_splits):
+            base = (s * n_pos + pos) * 2 * inter + col
+            g += partial[base]
+            u += partial[base + inter]
+        if has_bias:
+            at = block_expert[pos // block] * inter + col
+            g += load_bias(gate_bias, at)
+            u += load_bias(up_bias, at)
+        act[i] = act_mul(g, u, alpha, limit)
+
+    def launch(partial, act, inter, n_rows, n_pos, block, block_expert, options):
+        biased = options.gate_bias is not None
+        dpex.call_kernel(
+            finish_gate_up_kernel, dpex.Range(n_pos * inter), partial, act, block_expert,
+            options.gate_bias if biased else partial, options.up_bias if biased else partial,
+            inter, splits(n_rows), n_pos, block, np.float32(options.alpha),
+            np.float32(options.limit),
+        )
+
+    return launch

@@ -30,6 +30,7 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
         renormalize,
         n_parts,
         part_rows,
+        scale,
     ):
         i = item.get_id(0)
         t = i // n_cols
@@ -42,20 +43,22 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
         acc = np.float32(0.0)
         for j in range(top_k):
             s = t * top_k + j
+            if row_of_slot[s] < 0:  # expert on another device: contributes nothing here
+                continue
             v = np.float32(0.0)
             for p in range(n_parts):  # split-K partial sums, in a fixed order
                 v += load_row(rows, (p * part_rows + row_of_slot[s]) * n_cols + col)
             if has_bias != 0:
                 v += load_bias(bias, ids[s] * n_cols + col)
             acc += (weights[s] / total) * v
-        store(out, i, acc)
+        store(out, i, acc * scale)
 
     def launch(rows, row_of_slot, weights, ids, bias, out, num_tokens, n_cols, top_k,
-               has_bias, renormalize, n_parts, part_rows):
+               has_bias, renormalize, n_parts, part_rows, scale):
         dpex.call_kernel(
             weighted_sum_kernel, dpex.Range(num_tokens * n_cols), rows, row_of_slot,
             weights, ids, bias, out, n_cols, top_k, int(has_bias), int(renormalize),
-            n_parts, part_rows,
+            n_parts, part_rows, np.float32(scale),
         )
 
     return launch

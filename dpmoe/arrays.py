@@ -105,6 +105,18 @@ def widen(d: Any, kind: str) -> Any:
     return out
 
 
+def narrow(d: Any, kind: str) -> Any:
+    """A float32 device array rounded to storage form of ``kind`` (itself when float32)."""
+    if kind == "float32":
+        return d
+    from .kernels.gather import make_narrow_kernel
+
+    out = empty(tuple(d.shape), kind, d.sycl_queue)
+    if d.size:
+        make_narrow_kernel(kind)(d.reshape(-1), out.reshape(-1))
+    return out
+
+
 def as_words(d: Any) -> Any:
     """A uint16 device array seen as uint32 words (pairs), or None when it does not pair up."""
     import dpctl.tensor as dpt

@@ -131,7 +131,8 @@ def act_placeholder(queue: Any) -> Any:
 
 
 def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
-                 top_k: int, renormalize: bool, out: Any, options: ExpertOptions) -> None:
+                 top_k: int, renormalize: bool, out: Any, out_kind: str,
+                 options: ExpertOptions) -> None:
     from .kernels.activation import make_silu_and_mul_kernel
 
     num_experts, _, inter = experts.shape
@@ -141,7 +142,7 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
                          num_experts, DEFAULT_BLOCK_SIZE, may_stack=not bf16)
     if layout.n_rows == 0:  # every slot's expert lives on another device
         weighted_sum(act_placeholder(queue), "float32", layout.row_of_slot, weights, ids, out,
-                     x_kind, top_k, renormalize, scale=options.scale)
+                     out_kind, top_k, renormalize, scale=options.scale)
         return
     act_kernel = make_silu_and_mul_kernel("float32", "float32", "bfloat16" if bf16 else "float32",
                                           options.activation, options.bias_kind)
@@ -173,8 +174,8 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         silu_and_mul(gate.reshape(-1), up.reshape(-1), gate.reshape(-1), layout.n_rows, inter,
                      inter, inter, 0)
         down = expert_matmul(gate, down_w, layout)
-    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, x_kind, top_k, renormalize,
-                 options.down_bias, options.down_bias_kind, scale=options.scale)
+    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
+                 renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
 
 
 def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarray, int, int]:
@@ -212,7 +213,8 @@ PER_TOKEN_BLOCK = 4
 
 
 def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids: Any,
-                   top_k: int, renormalize: bool, out: Any, options: ExpertOptions) -> None:
+                   top_k: int, renormalize: bool, out: Any, out_kind: str,
+                   options: ExpertOptions) -> None:
     from .kernels.gemv import make_block_gemv_kernel, make_finish_gate_up_kernel, splits
 
     num_experts, hidden, inter = experts.shape
@@ -227,7 +229,7 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
     row_of_slot = meta[n_pos + n_blocks:]
     (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
     if n_pos == 0:  # every slot's expert lives on another device
-        weighted_sum(act_placeholder(queue), "float32", row_of_slot, weights, ids, out, x_kind,
+        weighted_sum(act_placeholder(queue), "float32", row_of_slot, weights, ids, out, out_kind,
                      top_k, renormalize, scale=options.scale)
         return
 
@@ -241,7 +243,7 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
     partial = dpnp.empty(splits(inter) * n_pos * hidden, dtype=np.float32, sycl_queue=queue)
     make_block_gemv_kernel("float32", experts.kind, block, cols_d, False, False)(
         act, down, down, slot_of_pos, block_expert, partial, inter, hidden, top_k, n_slots)
-    weighted_sum(partial, "float32", row_of_slot, weights, ids, out, x_kind, top_k, renormalize,
+    weighted_sum(partial, "float32", row_of_slot, weights, ids, out, out_kind, top_k, renormalize,
                  options.down_bias, options.down_bias_kind, n_parts=splits(inter), part_rows=n_pos,
                  scale=options.scale)
 
@@ -275,15 +277,17 @@ def check_memory(queue: Any, num_tokens: int, experts_shape: tuple[int, int, int
 
 def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any,
                   topk_indices: Any, top_k: int, renormalize: bool, grouped: bool,
-                  options: ExpertOptions = DEFAULT_OPTIONS) -> Any:
+                  options: ExpertOptions = DEFAULT_OPTIONS, out_kind: str | None = None) -> Any:
     """The forward on validated inputs; ``x`` in storage form on the experts' queue.
 
     Tokens go through in chunks whose float32 intermediates stay under the memory budget
-    (:mod:`dpmoe.memory`). Returns a new [T, H] device array in storage form of ``x_kind``.
+    (:mod:`dpmoe.memory`). Returns a new [T, H] device array in storage form of
+    ``out_kind`` (default: ``x_kind``).
     """
     queue = x.sycl_queue
     num_tokens = x.shape[0]
-    out = empty(tuple(x.shape), x_kind, queue)
+    out_kind = out_kind or x_kind
+    out = empty(tuple(x.shape), out_kind, queue)
     if num_tokens == 0:
         return out
     ids = ids_to_device(topk_indices, queue)
@@ -294,7 +298,7 @@ def run_on_device(x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any
     for first in range(0, num_tokens, chunk):
         last = min(first + chunk, num_tokens)
         run(x[first:last], x_kind, experts, weights[first * top_k:last * top_k],
-            ids[first * top_k:last * top_k], top_k, renormalize, out[first:last], options)
+            ids[first * top_k:last * top_k], top_k, renormalize, out[first:last], out_kind, options)
     return out
 
 

@@ -270,6 +270,48 @@ def fused_moe_forward(
     return (out * F32(routed_scaling_factor)).astype(hidden_states.dtype)
 
 
+def route_block(
+    hidden_states: np.ndarray, w: dict, top_k: int, renormalize: bool, scoring: str,
+    num_expert_group: int, topk_group: int, routed_scaling_factor: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The routing of :class:`dpmoe.MoELayer`: logits = x @ router (+ router_bias), then
+    softmax top-k, softmax after top-k, or grouped top-k (sigmoid, groups, bias, scaling)."""
+    logits = _f32(hidden_states) @ _f32(w["router"])
+    if w.get("router_bias") is not None:
+        logits = logits + _f32(w["router_bias"])
+    grouped = (scoring == "sigmoid" or num_expert_group > 1 or routed_scaling_factor != 1.0
+               or w.get("correction_bias") is not None)
+    if not grouped:
+        return topk_softmax(logits, top_k, renormalize, scoring)
+    return grouped_topk(logits, top_k, num_expert_group, topk_group, renormalize,
+                        "sigmoid" if scoring == "sigmoid" else "softmax",
+                        w.get("correction_bias"), routed_scaling_factor)
+
+
+def moe_block(
+    hidden_states: np.ndarray, w: dict, top_k: int = 2, renormalize: bool = True,
+    scoring: str = "softmax", num_expert_group: int = 1, topk_group: int = 1,
+    routed_scaling_factor: float = 1.0, activation: str = "silu", alpha: float = 1.702,
+    limit: float = 7.0,
+) -> np.ndarray:
+    """A whole MoE block (see :class:`dpmoe.MoELayer`): routing, routed experts with their
+    activation and biases, plus the shared expert (gated by sigmoid(x @ shared_expert_gate)
+    when present), summed in float32 and rounded once to the input's dtype."""
+    weights, ids = route_block(hidden_states, w, top_k, renormalize, scoring, num_expert_group,
+                               topk_group, routed_scaling_factor)
+    x = _f32(hidden_states)
+    out = _f32(fused_moe_forward(
+        x, w["gate"], w["up"], w["down"], weights, ids, top_k, False, activation=activation,
+        gate_bias=w.get("gate_bias"), up_bias=w.get("up_bias"), down_bias=w.get("down_bias"),
+        alpha=alpha, limit=limit))
+    if w.get("shared_gate") is not None:
+        shared = (silu(x @ _f32(w["shared_gate"])) * (x @ _f32(w["shared_up"]))) @ _f32(w["shared_down"])
+        if w.get("shared_expert_gate") is not None:
+            shared = sigmoid(x @ _f32(w["shared_expert_gate"])) * shared
+        out = out + shared
+    return out.astype(hidden_states.dtype)
+
+
 def moe_layer(
     hidden_states: np.ndarray,
     router: np.ndarray,

@@ -42,3 +42,52 @@ def test_layer_keeps_dpnp_on_device(rng):
     out = layer(to_dpnp(x))
     assert out.sycl_queue is not None
     assert_close(out.asnumpy(), layer(x))
+
+
+def block_weights(rng, dtype, hidden=32, inter=24, experts=8, shared=0):
+    w = dict(router=normal(rng, (hidden, experts)), gate=normal(rng, (experts, hidden, inter), dtype, hidden**-0.5),
+             up=normal(rng, (experts, hidden, inter), dtype, hidden**-0.5),
+             down=normal(rng, (experts, inter, hidden), dtype, inter**-0.5))
+    if shared:
+        w.update(shared_gate_proj=normal(rng, (hidden, shared), dtype, hidden**-0.5),
+                 shared_up_proj=normal(rng, (hidden, shared), dtype, hidden**-0.5),
+                 shared_down_proj=normal(rng, (shared, hidden), dtype, shared**-0.5))
+    return w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_tokens", [1, 30], ids=["decode", "prefill"])
+@pytest.mark.parametrize("family", ["qwen2-shared-gated", "deepseek-grouped-shared", "gpt-oss"])
+def test_family_style_layers_match_reference(rng, dtype, num_tokens, family):
+    from conftest import BF16
+
+    host = BF16 if dtype == "bfloat16" else np.dtype(np.float32)
+    if family == "qwen2-shared-gated":
+        w = block_weights(rng, host, shared=40)
+        w["shared_expert_gate"] = normal(rng, (32, 1))
+        layer = dpmoe.MoELayer.from_numpy(w.pop("router"), w.pop("gate"), w.pop("up"), w.pop("down"),
+                                          top_k=2, renormalize=False, **w)
+    elif family == "deepseek-grouped-shared":
+        w = block_weights(rng, host, shared=24)
+        layer = dpmoe.MoELayer.from_numpy(
+            w.pop("router"), w.pop("gate"), w.pop("up"), w.pop("down"), top_k=3, renormalize=True,
+            scoring="sigmoid", num_expert_group=4, topk_group=2,
+            correction_bias=normal(rng, (8,), scale=0.1), routed_scaling_factor=2.5, **w)
+    else:
+        w = block_weights(rng, host)
+        layer = dpmoe.MoELayer.from_numpy(
+            w.pop("router"), w.pop("gate"), w.pop("up"), w.pop("down"), top_k=2,
+            scoring="softmax_after_topk", router_bias=normal(rng, (8,)), activation="swigluoai",
+            gate_bias=normal(rng, (8, 24), host), up_bias=normal(rng, (8, 24), host),
+            down_bias=normal(rng, (8, 32), host))
+    x = normal(rng, (num_tokens, 32), host)
+    assert_close(layer(x), layer.reference(x))
+
+
+def test_random_layer_with_shared_expert(rng):
+    for gated in (True, False):
+        layer = dpmoe.MoELayer(32, 16, 4, shared_expert_intermediate_size=24,
+                               shared_expert_gate=gated, seed=1)
+        assert ("shared_expert_gate" in layer.weights()) == gated
+        x = normal(rng, (9, 32))
+        assert_close(layer(x), layer.reference(x))

@@ -51,3 +51,18 @@ def make_widen_kernel(src_kind: str):
         dpex.call_kernel(widen_kernel, dpex.Range(src.shape[0]), src, dst)
 
     return launch
+
+
+@lru_cache(maxsize=None)
+def make_narrow_kernel(dst_kind: str):
+    store = storer(dst_kind)
+
+    @dpex.kernel
+    def narrow_kernel(item: kapi.Item, src, dst):
+        i = item.get_id(0)
+        store(dst, i, src[i])
+
+    def launch(src, dst):
+        dpex.call_kernel(narrow_kernel, dpex.Range(src.shape[0]), src, dst)
+
+    return launch

@@ -12,7 +12,7 @@ from .activation import (act_and_mul, gelu_and_mul, gelu_tanh_and_mul, silu_and_
                          silu_and_mul_moe, swigluoai_and_mul)
 from .alignment import moe_align_block_size
 from .device import FallbackError, info
-from . import layouts, reference
+from . import layouts, models, reference
 from .fused_moe import fused_experts, fused_moe_forward
 from .grouped_gemm import grouped_gemm_moe
 from .layer import MoELayer
@@ -31,6 +31,7 @@ __all__ = [
     "fused_experts",
     "fused_moe_forward",
     "layouts",
+    "models",
     "grouped_gemm_moe",
     "info",
     "moe_align_block_size",

@@ -1,0 +1,83 @@
+"""MoE blocks of model families, built from a transformers block's ``state_dict``.
+
+``from_state_dict(family, state_dict, config)`` takes the block's tensors as NumPy arrays
+(``{name: t.float().numpy()}``, or ``ml_dtypes.bfloat16`` arrays) and its config (the
+transformers config object, a dict, or anything with those attributes) and returns an
+:class:`dpmoe.MoELayer` that computes what the transformers module computes. dpmoe itself
+never imports torch or transformers.
+
+| family | routing | experts | shared expert |
+| --- | --- | --- | --- |
+| mixtral | softmax, top-k, always renormalized | SiLU, w13 halves | none |
+| qwen2_moe | softmax, top-k, ``norm_topk_prob`` | SiLU | gated by sigmoid(x @ shared_expert_gate) |
+| olmoe | softmax, top-k, ``norm_topk_prob`` | SiLU | none |
+| deepseek_v3 | sigmoid, grouped top-k with ``e_score_correction_bias``, ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor`` | SiLU | always added |
+| gpt_oss | top-k on logits (router has a bias), then softmax over the k | swigluoai (interleaved gate/up, alpha, limit), biases | none |
+
+Weights layouts in transformers 5: ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
+``experts.down_proj`` [E, H, I], applied as ``x @ W^T``; GPT-OSS keeps
+``gate_up_proj`` [E, H, 2I] (interleaved) and ``down_proj`` [E, I, H], applied as ``x @ W``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .layer import MoELayer
+from .layouts import from_gate_up_proj, from_w13
+
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _need(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in state:
+        raise ValueError(f"state_dict has no {name!r} (keys: {sorted(state)})")
+    return np.asarray(state[name])
+
+
+def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: Any,
+                    device: Any = None) -> MoELayer:
+    """An :class:`MoELayer` equal to a transformers MoE block of ``family`` (see above)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    top_k = int(_get(config, "num_experts_per_tok"))
+    if family == "gpt_oss":
+        gate, up, down = from_gate_up_proj(_need(state_dict, "experts.gate_up_proj"),
+                                           _need(state_dict, "experts.down_proj"))
+        biases = _need(state_dict, "experts.gate_up_proj_bias")
+        return MoELayer.from_numpy(
+            _need(state_dict, "router.weight").T, gate, up, down, top_k, device=device,
+            router_bias=_need(state_dict, "router.bias"), scoring="softmax_after_topk",
+            activation="swigluoai", alpha=float(_get(config, "swiglu_alpha", 1.702)),
+            limit=float(_get(config, "swiglu_limit", 7.0)), gate_bias=biases[:, ::2],
+            up_bias=biases[:, 1::2], down_bias=_need(state_dict, "experts.down_proj_bias"))
+
+    gate, up, down = from_w13(_need(state_dict, "experts.gate_up_proj"),
+                              _need(state_dict, "experts.down_proj"))
+    router = _need(state_dict, "gate.weight").T
+    renormalize = True if family == "mixtral" else bool(_get(config, "norm_topk_prob", False))
+    options: dict[str, Any] = {}
+    if family == "qwen2_moe":
+        prefix = "shared_expert"
+        options["shared_expert_gate"] = _need(state_dict, "shared_expert_gate.weight").T
+    elif family == "deepseek_v3":
+        prefix = "shared_experts"
+        options.update(scoring="sigmoid", num_expert_group=int(_get(config, "n_group", 1)),
+                       topk_group=int(_get(config, "topk_group", 1)),
+                       correction_bias=_need(state_dict, "gate.e_score_correction_bias"),
+                       routed_scaling_factor=float(_get(config, "routed_scaling_factor", 1.0)))
+    else:
+        prefix = None
+    if prefix is not None and f"{prefix}.gate_proj.weight" in state_dict:
+        options.update(shared_gate_proj=_need(state_dict, f"{prefix}.gate_proj.weight").T,
+                       shared_up_proj=_need(state_dict, f"{prefix}.up_proj.weight").T,
+                       shared_down_proj=_need(state_dict, f"{prefix}.down_proj.weight").T)
+    return MoELayer.from_numpy(router, gate, up, down, top_k, renormalize, device, **options)

@@ -110,10 +110,10 @@ def moe_align_block_size(
     num_experts = validation.positive_int("num_experts", num_experts)
     block_size = validation.positive_int("block_size", block_size)
     validation.array("topk_ids", topk_ids, 2)
-    from .fused_moe import _check_extras, _local_ids
+    from .fused_moe import check_expert_map, local_ids
 
-    extra, _, global_experts = _check_extras(num_experts, 1, 1, "silu", None, None, None, 1.0,
-                                             expert_map, 1.0, 1.0)
+    global_experts = check_expert_map(expert_map, num_experts)
+    extra = {} if expert_map is None else {"expert_map": expert_map}
     validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape), global_experts)
     buffers = {"sorted_token_ids": sorted_token_ids, "experts_ids": experts_ids,
                "num_tokens_post_pad": num_tokens_post_pad}
@@ -127,7 +127,7 @@ def moe_align_block_size(
             _check_buffer(name, buf, length)
     arrays = {"topk_ids": topk_ids, **extra, **{k: v for k, v in buffers.items() if v is not None}}
     queue = placement(arrays, set(), device)
-    topk_ids = _local_ids(topk_ids, expert_map)
+    topk_ids = local_ids(topk_ids, expert_map)
     if queue is None:
         result = reference.moe_align_block_size(to_host(topk_ids), num_experts, block_size)
     else:

@@ -318,7 +318,7 @@ def check_experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
     return kind
 
 
-def _check_extras(num_experts: int, hidden: int, inter: int, activation: str,
+def check_expert_options(num_experts: int, hidden: int, inter: int, activation: str,
                   gate_bias: Any, up_bias: Any, down_bias: Any, scale: Any,
                   expert_map: Any, alpha: Any, limit: Any) -> tuple[dict, set, int]:
     """Validates the optional expert arguments; returns (arrays by name, float kinds,
@@ -342,23 +342,30 @@ def _check_extras(num_experts: int, hidden: int, inter: int, activation: str,
             arrays[name] = bias
     if gate_bias is not None and validation.float_array("up_bias", up_bias) != validation.float_array("gate_bias", gate_bias):
         raise TypeError("up_bias must have gate_bias' dtype")
-    global_experts = num_experts
+    global_experts = check_expert_map(expert_map, num_experts)
     if expert_map is not None:
-        validation.array("expert_map", expert_map, 1)
-        if not np.issubdtype(np.dtype(expert_map.dtype), np.integer):
-            raise TypeError(f"expert_map must have an integer dtype, got {expert_map.dtype}")
-        global_experts = expert_map.shape[0]
-        if global_experts == 0:
-            raise ValueError("expert_map must map at least one global expert")
-        low, high = validation._min_max(expert_map)
-        if low < -1 or high >= num_experts:
-            raise ValueError(f"expert_map must hold local ids in [-1, {num_experts}) "
-                             f"(-1: not on this device), found {int(low if low < -1 else high)}")
         arrays["expert_map"] = expert_map
     return arrays, kinds, global_experts
 
 
-def _local_ids(topk_indices: Any, expert_map: Any) -> Any:
+def check_expert_map(expert_map: Any, num_experts: int) -> int:
+    """Validates an expert map (global id -> local id in [-1, E)); returns the number of
+    global ids (``num_experts`` without a map)."""
+    if expert_map is None:
+        return num_experts
+    validation.array("expert_map", expert_map, 1)
+    if not np.issubdtype(np.dtype(expert_map.dtype), np.integer):
+        raise TypeError(f"expert_map must have an integer dtype, got {expert_map.dtype}")
+    if expert_map.shape[0] == 0:
+        raise ValueError("expert_map must map at least one global expert")
+    low, high = validation.min_max(expert_map)
+    if low < -1 or high >= num_experts:
+        raise ValueError(f"expert_map must hold local ids in [-1, {num_experts}) "
+                         f"(-1: not on this device), found {int(low if low < -1 else high)}")
+    return expert_map.shape[0]
+
+
+def local_ids(topk_indices: Any, expert_map: Any) -> Any:
     """Global expert ids mapped through ``expert_map`` (where the ids are)."""
     if expert_map is None:
         return topk_indices
@@ -426,7 +433,7 @@ def fused_moe_forward(
     if hidden_states.shape[1] != hidden:
         raise ValueError(f"hidden_states must have shape [T, H] with H = {hidden} "
                          f"(gate_weights' dim 1), got {tuple(hidden_states.shape)}")
-    extra, bias_kinds, global_experts = _check_extras(
+    extra, bias_kinds, global_experts = check_expert_options(
         num_experts, hidden, inter, activation, gate_bias, up_bias, down_bias,
         routed_scaling_factor, expert_map, alpha, limit)
     top_k = validation.positive_int("top_k", top_k, 1, global_experts)
@@ -470,7 +477,7 @@ def fused_moe_forward(
         experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
                                 persistent=False)
         out = run_on_device(to_device(hidden_states, queue), x_kind, experts, topk_weights,
-                            _local_ids(topk_indices, expert_map), top_k, renormalize,
+                            local_ids(topk_indices, expert_map), top_k, renormalize,
                             use_grouped_topk, options)
         result = from_device(out, x_kind, returns_numpy(arrays))
     if not inplace:

@@ -18,7 +18,7 @@ import numpy as np
 from . import reference, validation
 from .arrays import FLOAT_KINDS, HOST_DTYPE, from_device, narrow, to_device, to_host, widen
 from .device import default_queue, dpnp, fallback, is_device_array
-from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, _check_extras,
+from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, check_expert_options,
                         check_experts, check_memory, run_on_device)
 from .routing import SCORINGS, route_on_device
 from .tuning import get_config
@@ -136,7 +136,7 @@ class MoELayer:
         for name, bias in (("router_bias", router_bias), ("correction_bias", correction_bias)):
             if bias is not None:
                 validation.routing_weights(name, bias, (num_experts,))
-        _check_extras(num_experts, hidden, inter, activation, gate_bias, up_bias, down_bias,
+        check_expert_options(num_experts, hidden, inter, activation, gate_bias, up_bias, down_bias,
                       1.0, None, alpha, limit)
         self.activation = activation
         shared = {"gate": shared_gate_proj, "up": shared_up_proj, "down": shared_down_proj}

@@ -49,7 +49,7 @@ def positive_int(name: str, value: Any, low: int = 1, high: int | None = None) -
     return value
 
 
-def _min_max(a: Any) -> tuple[float, float]:
+def min_max(a: Any) -> tuple[float, float]:
     if is_device_array(a):
         return float(dpnp.min(a)), float(dpnp.max(a))
     return float(np.min(a)), float(np.max(a))
@@ -67,7 +67,7 @@ def expert_ids(name: str, a: Any, expected_shape: tuple[int, ...], num_experts: 
     shape(name, a, expected_shape, "[num_tokens, top_k]")
     if a.size == 0:
         return
-    low, high = _min_max(a)
+    low, high = min_max(a)
     if low < 0 or high >= num_experts:
         bad = low if low < 0 else high
         raise ValueError(

@@ -8,6 +8,8 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 from .numerics import loader, storer
 
 
@@ -86,7 +88,7 @@ def make_silu_and_mul_kernel(gate_kind: str, up_kind: str, out_kind: str,
 
     def launch(gate, up, out, rows, d, gate_stride, up_stride, up_offset, col_stride=1,
                alpha=1.702, limit=7.0, row_expert=None, gate_bias=None, up_bias=None):
-        dpex.call_kernel(
+        call(
             act_and_mul_kernel, dpex.Range(rows * d), gate, up, out, d,
             gate_stride, up_stride, up_offset, col_stride, np.float32(alpha), np.float32(limit),
             # without biases the arrays are never read: any array of the right kind will do

@@ -8,6 +8,8 @@ to ``start[expert] + rank``.
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 
 @dpex.kernel
 def count_and_rank_kernel(
@@ -73,14 +75,14 @@ def align_slots(ids, counts, ranks, starts, sorted_token_ids, experts_ids,
                 num_tokens_post_pad, row_of_slot, num_experts, block_size):
     """Fill every output of the alignment; ``sorted_token_ids`` must hold the sentinel."""
     n_slots = ids.shape[0]
-    dpex.call_kernel(count_and_rank_kernel, dpex.Range(num_experts), ids, counts, ranks, n_slots)
-    dpex.call_kernel(
+    call(count_and_rank_kernel, dpex.Range(num_experts), ids, counts, ranks, n_slots)
+    call(
         block_offsets_kernel, dpex.Range(1), counts, starts, experts_ids,
         num_tokens_post_pad, num_experts, block_size, experts_ids.shape[0],
     )
     if n_slots == 0:
         return
-    dpex.call_kernel(
+    call(
         scatter_slots_kernel, dpex.Range(n_slots), ids, ranks, starts,
         sorted_token_ids, row_of_slot,
     )

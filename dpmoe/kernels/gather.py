@@ -5,6 +5,8 @@ from functools import lru_cache
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 from .numerics import loader, storer
 
 
@@ -30,7 +32,7 @@ def make_gather_rows_kernel(src_kind: str, dst_kind: str):
             store(dst, row * row_len + col, load(src, (slot // top_k) * row_len + col))
 
     def launch(src, row_of_slot, dst, n_slots, row_len, top_k):
-        dpex.call_kernel(
+        call(
             gather_rows_kernel, dpex.Range(n_slots * row_len), src, row_of_slot, dst,
             row_len, top_k,
         )
@@ -48,7 +50,7 @@ def make_widen_kernel(src_kind: str):
         dst[i] = load(src, i)
 
     def launch(src, dst):
-        dpex.call_kernel(widen_kernel, dpex.Range(src.shape[0]), src, dst)
+        call(widen_kernel, dpex.Range(src.shape[0]), src, dst)
 
     return launch
 
@@ -63,6 +65,6 @@ def make_narrow_kernel(dst_kind: str):
         store(dst, i, src[i])
 
     def launch(src, dst):
-        dpex.call_kernel(narrow_kernel, dpex.Range(src.shape[0]), src, dst)
+        call(narrow_kernel, dpex.Range(src.shape[0]), src, dst)
 
     return launch

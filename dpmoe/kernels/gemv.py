@@ -21,6 +21,8 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 from .numerics import loader, pair_loader
 
 # Rows each work-group streams between two barriers; more rows amortise the barrier, fewer
@@ -147,7 +149,7 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
         n_splits = splits(n_rows)
         n_blocks = block_expert.shape[0]
         n_groups = n_blocks * n_splits * n_tiles
-        dpex.call_kernel(
+        call(
             block_gemv_kernel,
             dpex.NdRange(dpex.Range(n_groups * group_size), dpex.Range(group_size)),
             inp, w_a, w_b, slot_of_pos, block_expert, partial, n_rows, n_units, n_cols,
@@ -203,7 +205,7 @@ def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
 
     def launch(partial, act, inter, n_rows, n_pos, block, block_expert, options):
         biased = options.gate_bias is not None
-        dpex.call_kernel(
+        call(
             finish_gate_up_kernel, dpex.Range(n_pos * inter), partial, act, block_expert,
             options.gate_bias if biased else partial, options.up_bias if biased else partial,
             inter, splits(n_rows), n_pos, block, np.float32(options.alpha),

@@ -6,6 +6,8 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 from .numerics import loader, storer
 
 
@@ -55,7 +57,7 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
 
     def launch(rows, row_of_slot, weights, ids, bias, out, num_tokens, n_cols, top_k,
                has_bias, renormalize, n_parts, part_rows, scale):
-        dpex.call_kernel(
+        call(
             weighted_sum_kernel, dpex.Range(num_tokens * n_cols), rows, row_of_slot,
             weights, ids, bias, out, n_cols, top_k, int(has_bias), int(renormalize),
             n_parts, part_rows, np.float32(scale),

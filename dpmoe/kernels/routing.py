@@ -12,6 +12,8 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .launch import call
+
 from .numerics import loader
 
 
@@ -69,7 +71,7 @@ def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
                 weights[t * top_k + j] = weights[t * top_k + j] / picked_sum
 
     def launch(logits, weights, ids, num_tokens, num_experts, top_k, renormalize):
-        dpex.call_kernel(
+        call(
             topk_softmax_kernel, dpex.Range(num_tokens), logits, weights, ids,
             num_experts, top_k, int(renormalize),
         )
@@ -171,7 +173,7 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
 
     def launch(logits, bias, weights, ids, num_tokens, num_experts, num_groups, topk_group,
                top_k, renormalize, epsilon, scale):
-        dpex.call_kernel(
+        call(
             grouped_topk_kernel, dpex.Range(num_tokens), logits, bias, weights, ids,
             num_experts, num_experts // num_groups, num_groups, topk_group, top_k,
             int(renormalize), np.float32(epsilon), np.float32(scale),

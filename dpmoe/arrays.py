@@ -97,11 +97,11 @@ def widen(d: Any, kind: str) -> Any:
     """A float32 copy of a device array in storage form (the array itself when float32)."""
     if kind == "float32":
         return d
-    from .kernels.gather import make_widen_kernel
+    from .kernels.gather import make_convert_kernel
 
     out = dpnp.empty(d.shape, dtype=np.float32, sycl_queue=d.sycl_queue)
     if d.size:
-        make_widen_kernel(kind)(d.reshape(-1), out.reshape(-1))
+        make_convert_kernel(kind, "float32")(d.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -109,11 +109,11 @@ def narrow(d: Any, kind: str) -> Any:
     """A float32 device array rounded to storage form of ``kind`` (itself when float32)."""
     if kind == "float32":
         return d
-    from .kernels.gather import make_narrow_kernel
+    from .kernels.gather import make_convert_kernel
 
     out = empty(tuple(d.shape), kind, d.sycl_queue)
     if d.size:
-        make_narrow_kernel(kind)(d.reshape(-1), out.reshape(-1))
+        make_convert_kernel("float32", kind)(d.reshape(-1), out.reshape(-1))
     return out
 
 

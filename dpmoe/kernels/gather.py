@@ -41,30 +41,17 @@ def make_gather_rows_kernel(src_kind: str, dst_kind: str):
 
 
 @lru_cache(maxsize=None)
-def make_widen_kernel(src_kind: str):
+def make_convert_kernel(src_kind: str, dst_kind: str):
+    """Elementwise storage conversion (widening 16-bit to float32, or rounding back)."""
     load = loader(src_kind)
-
-    @dpex.kernel
-    def widen_kernel(item: kapi.Item, src, dst):
-        i = item.get_id(0)
-        dst[i] = load(src, i)
-
-    def launch(src, dst):
-        call(widen_kernel, dpex.Range(src.shape[0]), src, dst)
-
-    return launch
-
-
-@lru_cache(maxsize=None)
-def make_narrow_kernel(dst_kind: str):
     store = storer(dst_kind)
 
     @dpex.kernel
-    def narrow_kernel(item: kapi.Item, src, dst):
+    def convert_kernel(item: kapi.Item, src, dst):
         i = item.get_id(0)
-        store(dst, i, src[i])
+        store(dst, i, load(src, i))
 
     def launch(src, dst):
-        call(narrow_kernel, dpex.Range(src.shape[0]), src, dst)
+        call(convert_kernel, dpex.Range(src.shape[0]), src, dst)
 
     return launch

@@ -1,4 +1,5 @@
-"""SiLU-and-mul, the gated activation between the two expert GEMMs."""
+"""Gated activations between the two expert GEMMs: ``act(gate) * up`` with SiLU (the
+default), exact or tanh GELU, or GPT-OSS's clamped SwiGLU on interleaved gate/up."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) ->
     gate_kind = validation.float_array("gate_output", gate_output)
     up_kind = validation.float_array("up_output", up_output)
     validation.shape("up_output", up_output, tuple(gate_output.shape), "gate_output's shape")
+    if gate_output.ndim == 0:
+        raise ValueError("gate_output must have at least one dimension [..., I]")
     if isinstance(gate_output, np.ndarray) and not gate_output.flags.writeable:
         raise ValueError("gate_output is read-only; silu_and_mul_moe writes it in place")
     arrays = {"gate_output": gate_output, "up_output": up_output}

@@ -81,14 +81,7 @@ def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: flo
     d = x.shape[-1] // 2
     out_shape = tuple(x.shape[:-1]) + (d,)
     if out is not None:
-        out_kind = validation.float_array("out", out)
-        validation.shape("out", out, out_shape, "[..., d]")
-        if out_kind != kind:
-            raise TypeError(f"out must have x's dtype ({kind}), got {out.dtype}")
-        if is_device_array(out) != is_device_array(x):
-            raise TypeError("out must be the same kind of array as x (both NumPy or both dpnp)")
-        if isinstance(out, np.ndarray) and not out.flags.writeable:
-            raise ValueError("out is read-only")
+        validation.output("out", out, out_shape, "[..., d]", kind, not is_device_array(x))
     arrays = {"x": x} if out is None else {"x": x, "out": out}
     queue = placement(arrays, {kind}, device)
     if queue is None:

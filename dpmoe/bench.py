@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import info, reference
-from .arrays import HOST_DTYPE
+from .arrays import HOST_DTYPE, to_device
 from .configs import MODEL_CONFIGS
 from .device import default_queue, dpnp
 
@@ -121,12 +121,6 @@ class Rotating:
         return self.fn(*self.sets[self.i])
 
 
-def _device(a: np.ndarray, queue: Any) -> Any:
-    from .arrays import to_device
-
-    return to_device(a, queue)
-
-
 def naive_dpnp(x, gate, up, down, weights, ids_host, top_k):
     """The obvious dpnp program: per expert, take its tokens, three matmuls, scatter back."""
     out = dpnp.zeros(x.shape, dtype=np.float32, sycl_queue=x.sycl_queue)
@@ -189,7 +183,7 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     hidden, inter, experts, top_k = MODEL_CONFIGS[config]
     kind = dtype
     experts_w = ExpertWeights(p["gate"], p["up"], p["down"], kind, queue, persistent=True)
-    x = _device(p["x"], queue)
+    x = to_device(p["x"], queue)
     device_routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
                        for w, i in p["routings"]]
     row = {"test": "moe", "config": config, "dtype": dtype, "tokens": num_tokens}
@@ -246,7 +240,7 @@ def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directo
     weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, persistent=True)
     for num_tokens in token_counts:
         p = make_problem(config, dtype, num_tokens)
-        x = _device(p["x"], queue)
+        x = to_device(p["x"], queue)
         routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
                     for w, i in p["routings"]]
         times = {}
@@ -275,7 +269,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
     torch = _torch()
     if test == "silu":
         h = rng.standard_normal((num_tokens * top_k, 2 * inter), dtype=np.float32).astype(HOST_DTYPE[dtype])
-        d = _device(h, queue)
+        d = to_device(h, queue)
         row["dpmoe_ms"] = 1e3 * median_time(lambda: silu_and_mul(d), repeats)
         row["reference_ms"] = 1e3 * median_time(lambda: reference.silu_and_mul(h), repeats)
         if torch is not None:

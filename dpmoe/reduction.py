@@ -8,7 +8,7 @@ import numpy as np
 
 from . import reference, validation
 from .arrays import empty, from_device, to_device, to_host, weights_to_device
-from .device import dpnp, is_device_array, placement, returns_numpy
+from .device import dpnp, placement, returns_numpy
 
 
 def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids: Any,
@@ -50,16 +50,9 @@ def moe_sum(expert_out: Any, topk_weights: Any, out: Any = None, *, device: Any 
     kind = validation.float_array("expert_out", expert_out, 3)
     num_tokens, top_k, hidden = expert_out.shape
     validation.routing_weights("topk_weights", topk_weights, (num_tokens, top_k))
-    if out is not None:
-        out_kind = validation.float_array("out", out, 2)
-        validation.shape("out", out, (num_tokens, hidden), "[T, H]")
-        if out_kind != kind:
-            raise TypeError(f"out must have expert_out's dtype ({kind}), got {out.dtype}")
-        if is_device_array(out) == returns_numpy({"expert_out": expert_out, "topk_weights": topk_weights}):
-            raise TypeError("out must be a dpnp array when an input is one, else a NumPy array")
-        if isinstance(out, np.ndarray) and not out.flags.writeable:
-            raise ValueError("out is read-only")
     arrays = {"expert_out": expert_out, "topk_weights": topk_weights}
+    if out is not None:
+        validation.output("out", out, (num_tokens, hidden), "[T, H]", kind, returns_numpy(arrays))
     queue = placement(arrays if out is None else {**arrays, "out": out}, {kind}, device)
     if queue is None:
         result = reference.moe_sum(to_host(expert_out), to_host(topk_weights))

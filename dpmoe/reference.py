@@ -321,12 +321,10 @@ def moe_layer(
     top_k: int = 2,
     renormalize: bool = True,
 ) -> np.ndarray:
-    """A whole MoE block: logits = x @ router [H, E], top-k softmax routing, experts."""
-    logits = _f32(hidden_states) @ _f32(router)
-    weights, ids = topk_softmax(logits, top_k, renormalize)
-    return fused_moe_forward(
-        hidden_states, gate_weights, up_weights, down_weights, weights, ids, top_k, False
-    )
+    """A whole MoE block: logits = x @ router [H, E], top-k softmax routing, experts
+    (:func:`moe_block` without its options)."""
+    weights = {"router": router, "gate": gate_weights, "up": up_weights, "down": down_weights}
+    return moe_block(hidden_states, weights, top_k, renormalize)
 
 
 def fused_experts(

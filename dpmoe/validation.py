@@ -97,3 +97,16 @@ def finite(name: str, a: Any) -> None:
         ok = bool(dpnp.all(dpnp.isfinite(a)))
     if not ok:
         raise ValueError(f"{name} must be finite (found NaN or inf)")
+
+
+def output(name: str, out: Any, expected_shape: tuple[int, ...], meaning: str, kind: str,
+           numpy_result: bool) -> None:
+    """An ``out=`` array: the result's shape and storage kind, writable, and NumPy exactly
+    when the result is NumPy (no input was a dpnp array)."""
+    if float_array(name, out) != kind:
+        raise TypeError(f"{name} must have the result's dtype ({kind}), got {out.dtype}")
+    shape(name, out, expected_shape, meaning)
+    if is_device_array(out) == numpy_result:
+        raise TypeError(f"{name} must be a dpnp array when an input is one, else a NumPy array")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import empty, from_device, to_device, to_host
+from .arrays import empty, flat, from_device, to_device, to_host
 from .device import is_device_array, placement, returns_numpy
 
 
@@ -42,7 +42,7 @@ def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) ->
     in_place = is_device_array(gate_output) and gate_output.flags.c_contiguous
     result = gate if in_place else empty(gate.shape, gate_kind, queue)
     make_silu_and_mul_kernel(gate_kind, up_kind, gate_kind)(
-        gate.reshape(-1), to_device(up_output, queue).reshape(-1), result.reshape(-1),
+        flat(gate), flat(to_device(up_output, queue)), flat(result),
         gate_output.size // d, d, d, d, 0,
     )
     if not in_place:
@@ -93,9 +93,9 @@ def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: flo
         dst = empty(out_shape, kind, queue)
         if dst.size:
             interleaved = activation == "swigluoai"
-            make_silu_and_mul_kernel(kind, kind, kind, activation)(
-                src.reshape(-1), src.reshape(-1), dst.reshape(-1), dst.size // d, d, 2 * d, 2 * d,
-                1 if interleaved else d, 2 if interleaved else 1, alpha, limit,
+            make_silu_and_mul_kernel(kind, kind, kind, activation, None, 2 if interleaved else 1)(
+                flat(src), flat(src), flat(dst), dst.size // d, d, 2 * d, 2 * d,
+                1 if interleaved else d, alpha, limit,
             )
         result = from_device(dst, kind, returns_numpy({"x": x}))
     if out is None:

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from .device import dpnp, is_device_array
+from .pages import upload
 
 FLOAT_KINDS = ("float32", "float16", "bfloat16")
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -34,13 +35,29 @@ def float_kind(name: str, a: Any) -> str:
     )
 
 
-def _reinterpret(d: Any, dtype: Any) -> Any:
-    """The same device memory seen as another 2-byte dtype (no copy)."""
+# dpnp's reshape and empty cost 15-25 us a call in Python (a decode step makes dozens of
+# such calls); building the dpctl array directly and wrapping it costs 2-10 us.
+
+
+def _view(d: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
+    """A C-contiguous device array ``d`` seen with another shape/dtype (no copy)."""
     import dpctl.tensor as dpt
 
     usm = d.get_array()
-    view = dpt.usm_ndarray(usm.shape, dtype=dtype, buffer=usm.usm_data, offset=usm._element_offset)
-    return dpnp.asarray(view)
+    return dpnp.ndarray._create_from_usm_ndarray(
+        dpt.usm_ndarray(shape, dtype=dtype, buffer=usm.usm_data, offset=offset))
+
+
+def _reinterpret(d: Any, dtype: Any) -> Any:
+    """The same device memory seen as another 2-byte dtype (no copy)."""
+    return _view(d, tuple(d.shape), dtype, d.get_array()._element_offset)
+
+
+def flat(d: Any) -> Any:
+    """A device array as 1-D: a view of C-contiguous arrays, else a copy."""
+    if not d.flags.c_contiguous:
+        return d.reshape(-1)
+    return _view(d, (d.size,), d.dtype, d.get_array()._element_offset)
 
 
 def to_device(a: Any, queue: Any) -> Any:
@@ -51,7 +68,7 @@ def to_device(a: Any, queue: Any) -> Any:
     h = np.ascontiguousarray(a)
     if h.dtype in (np.float16, BFLOAT16):
         h = h.view(np.uint16)
-    return dpnp.asarray(h, sycl_queue=queue)
+    return upload(h, queue)
 
 
 def from_device(d: Any, kind: str, as_numpy: bool) -> Any:
@@ -73,24 +90,27 @@ def to_host(a: Any) -> np.ndarray:
 
 
 def empty(shape: tuple[int, ...], kind: str, queue: Any) -> Any:
-    """An uninitialised device array in storage form."""
-    return dpnp.empty(shape, dtype=np.float32 if kind == "float32" else np.uint16, sycl_queue=queue)
+    """An uninitialised device array in storage form (``kind`` may also be "int32")."""
+    import dpctl.tensor as dpt
+
+    dtype = {"float32": np.float32, "int32": np.int32}.get(kind, np.uint16)
+    return dpnp.ndarray._create_from_usm_ndarray(dpt.empty(shape, dtype=dtype, sycl_queue=queue))
 
 
 def ids_to_device(a: Any, queue: Any) -> Any:
     """Expert ids as a flat int32 dpnp array on ``queue`` (ids were range-checked)."""
     if is_device_array(a):
-        return dpnp.ascontiguousarray(a.astype(np.int32, copy=False)).reshape(-1)
-    return dpnp.asarray(np.ascontiguousarray(a, dtype=np.int32).reshape(-1), sycl_queue=queue)
+        return flat(dpnp.ascontiguousarray(a.astype(np.int32, copy=False)))
+    return upload(np.ascontiguousarray(a, dtype=np.int32).reshape(-1), queue)
 
 
 def weights_to_device(a: Any, queue: Any) -> Any:
     """Routing weights as a flat float32 dpnp array on ``queue``."""
     if not is_device_array(a):
-        return dpnp.asarray(np.ascontiguousarray(a, dtype=np.float32).reshape(-1), sycl_queue=queue)
+        return upload(np.ascontiguousarray(a, dtype=np.float32).reshape(-1), queue)
     if a.dtype == np.uint16:  # bfloat16 bits
-        return widen(to_device(a, queue).reshape(-1), "bfloat16")
-    return dpnp.ascontiguousarray(a.astype(np.float32, copy=False)).reshape(-1)
+        return widen(flat(to_device(a, queue)), "bfloat16")
+    return flat(dpnp.ascontiguousarray(a.astype(np.float32, copy=False)))
 
 
 def widen(d: Any, kind: str) -> Any:
@@ -99,9 +119,9 @@ def widen(d: Any, kind: str) -> Any:
         return d
     from .kernels.gather import make_convert_kernel
 
-    out = dpnp.empty(d.shape, dtype=np.float32, sycl_queue=d.sycl_queue)
+    out = empty(tuple(d.shape), "float32", d.sycl_queue)
     if d.size:
-        make_convert_kernel(kind, "float32")(d.reshape(-1), out.reshape(-1))
+        make_convert_kernel(kind, "float32")(flat(d), flat(out))
     return out
 
 
@@ -113,17 +133,13 @@ def narrow(d: Any, kind: str) -> Any:
 
     out = empty(tuple(d.shape), kind, d.sycl_queue)
     if d.size:
-        make_convert_kernel("float32", kind)(d.reshape(-1), out.reshape(-1))
+        make_convert_kernel("float32", kind)(flat(d), flat(out))
     return out
 
 
 def as_words(d: Any) -> Any:
     """A uint16 device array seen as uint32 words (pairs), or None when it does not pair up."""
-    import dpctl.tensor as dpt
-
-    usm = d.get_array()
-    if d.size % 2 or usm._element_offset % 2 or not d.flags.c_contiguous:
+    offset = d.get_array()._element_offset
+    if d.size % 2 or offset % 2 or not d.flags.c_contiguous:
         return None
-    words = dpt.usm_ndarray((d.size // 2,), dtype="u4", buffer=usm.usm_data,
-                            offset=usm._element_offset // 2)
-    return dpnp.asarray(words)
+    return _view(d, (d.size // 2,), np.uint32, offset // 2)

@@ -73,16 +73,16 @@ def measure_limits(repeats: int) -> dict[str, float]:
     flops = 2 * 8 * 1024 * 2048 * 1024
     limits = {"read_GBps": bandwidth,
               "gemm_GFLOPs": flops / median_time(lambda: dpnp.matmul(a, b).sum(), repeats) / 1e9}
-    from . import onemkl_bf16
+    from . import onemkl_host
 
-    if onemkl_bf16.available(a.sycl_queue):  # the bf16 GEMM dpmoe uses, on the same shapes
+    if onemkl_host.available(a.sycl_queue):  # the bf16 GEMM dpmoe uses, on the same shapes
         a16 = dpnp.zeros((1024, 2048), dtype=np.uint16)
         b16 = dpnp.zeros((8, 2048, 1024), dtype=np.uint16)
         c = dpnp.empty((1024, 1024), dtype=np.float32)
 
         def bf16_batch():
             for e in range(8):
-                onemkl_bf16.gemm(a16, 0, b16, e * 2048 * 1024, c, 0, 1024, 1024, 2048)
+                onemkl_host.gemm(a16, 0, b16, e * 2048 * 1024, c, 0, 1024, 1024, 2048)
 
         limits["gemm_bf16_GFLOPs"] = flops / median_time(bf16_batch, repeats) / 1e9
     return limits

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from . import reference, validation
+from . import pages, reference, validation
 from .alignment import align_on_device
-from .arrays import as_words, empty, float_kind, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
+from .arrays import as_words, empty, flat, float_kind, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement, returns_numpy
 from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmul,
-                           expert_matmul_bf16, gather_rows, plan_layout, use_onemkl_bf16)
+                           expert_matmul_host, gather_rows, host_gemm_kind, plan_host_layout,
+                           plan_layout)
 from .memory import GIB, check_fits, tokens_per_chunk
 from .reduction import weighted_sum
 
@@ -57,6 +58,9 @@ class ExpertWeights:
         self.gate, self.up, self.down = (to_device(w, queue) for w in (gate, up, down))
         self.kind = kind
         self.persistent = persistent
+        if persistent:  # weights read for many calls: worth moving onto huge pages now
+            for w in (self.gate, self.up, self.down):
+                pages.advise(w, now=True)
         self._float32: tuple | None = None
         self._packed: tuple | None = None
         self._gemv: tuple | None = None
@@ -71,17 +75,17 @@ class ExpertWeights:
         16-bit rows of even length as uint32 words (two columns per load, cols = 2)."""
         if self._gemv is None:
             def pairable(w: Any) -> tuple[Any, int]:
-                flat = w.reshape(-1)
+                line = flat(w)
                 if w.shape[-1] % 2:
-                    return flat, 1
+                    return line, 1
                 if self.kind == "float32":
-                    return flat, 2
-                words = as_words(flat)
-                return (flat, 1) if words is None else (words, 2)
+                    return line, 2
+                words = as_words(line)
+                return (line, 1) if words is None else (words, 2)
 
             (gate, cols_g), (up, cols_u) = pairable(self.gate), pairable(self.up)
             if cols_g != cols_u:
-                (gate, _), (up, _) = (self.gate.reshape(-1), 1), (self.up.reshape(-1), 1)
+                (gate, _), (up, _) = (flat(self.gate), 1), (flat(self.up), 1)
                 cols_g = 1
             down, cols_d = pairable(self.down)
             self._gemv = ((gate, up, cols_g), (down, down, cols_d))
@@ -91,14 +95,14 @@ class ExpertWeights:
         """Bytes the next grouped call on ``x_kind`` tokens allocates for derived weights."""
         if not grouped or self.kind == "float32":
             return 0
-        if use_onemkl_bf16(self.gate.sycl_queue, self.kind, x_kind):
+        if host_gemm_kind(self.gate.sycl_queue, x_kind, self.kind):
             if not self.persistent or self._packed is not None:
                 return 0
-            from . import onemkl_bf16
+            from . import onemkl_host
 
             num_experts, hidden, inter = self.shape
-            return num_experts * (2 * onemkl_bf16.packed_size(inter, hidden)
-                                  + onemkl_bf16.packed_size(hidden, inter))
+            return num_experts * (2 * onemkl_host.packed_size(inter, hidden)
+                                  + onemkl_host.packed_size(hidden, inter))
         return 0 if self._float32 is not None else 3 * self.gate.size * 4
 
     def packed(self) -> tuple[list, list, list] | None:
@@ -106,12 +110,12 @@ class ExpertWeights:
         if not self.persistent:
             return None
         if self._packed is None:
-            from . import onemkl_bf16
+            from . import onemkl_host
 
             num_experts, hidden, inter = self.shape
             self.gate.sycl_queue.wait()
             self._packed = tuple(
-                [onemkl_bf16.pack(w.reshape(-1), e * hidden * inter, n, k) for e in range(num_experts)]
+                [onemkl_host.pack(flat(w), e * hidden * inter, n, k) for e in range(num_experts)]
                 for w, n, k in ((self.gate, inter, hidden), (self.up, inter, hidden),
                                 (self.down, hidden, inter)))
         return self._packed
@@ -137,9 +141,13 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
 
     num_experts, _, inter = experts.shape
     queue = x.sycl_queue
-    bf16 = use_onemkl_bf16(queue, x_kind, experts.kind)
-    layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
-                         num_experts, DEFAULT_BLOCK_SIZE, may_stack=not bf16)
+    host = host_gemm_kind(queue, x_kind, experts.kind)
+    bf16 = host == "bfloat16"
+    if host is not None:
+        layout = plan_host_layout(ids, num_experts)
+    else:
+        layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
+                             num_experts, DEFAULT_BLOCK_SIZE)
     if layout.n_rows == 0:  # every slot's expert lives on another device
         weighted_sum(act_placeholder(queue), "float32", layout.row_of_slot, weights, ids, out,
                      out_kind, top_k, renormalize, scale=options.scale)
@@ -152,7 +160,7 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
                       up_bias=options.up_bias)
 
     def silu_and_mul(gate, up, out, rows, d, gate_stride, up_stride, up_offset):
-        act_kernel(gate, up, out, rows, d, gate_stride, up_stride, up_offset, 1,
+        act_kernel(gate, up, out, rows, d, gate_stride, up_stride, up_offset,
                    options.alpha, options.limit, **biases)
 
     if bf16:
@@ -160,20 +168,21 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         # for the down GEMM, as any bf16 GEMM pipeline does
         packed = experts.packed() or (None, None, None)
         rows = gather_rows(x, x_kind, layout, top_k, "bfloat16")
-        gate = expert_matmul_bf16(rows, experts.gate, layout, packed=packed[0])
-        up = expert_matmul_bf16(rows, experts.up, layout, packed=packed[1])
+        gate = expert_matmul_host(rows, experts.gate, layout, packed=packed[0])
+        up = expert_matmul_host(rows, experts.up, layout, packed=packed[1])
         act = empty((layout.n_rows, inter), "bfloat16", queue)
-        silu_and_mul(gate.reshape(-1), up.reshape(-1), act.reshape(-1), layout.n_rows, inter,
+        silu_and_mul(flat(gate), flat(up), flat(act), layout.n_rows, inter,
                      inter, inter, 0)
-        down = expert_matmul_bf16(act, experts.down, layout, packed=packed[2])
+        down = expert_matmul_host(act, experts.down, layout, packed=packed[2])
     else:
+        matmul = expert_matmul_host if host else expert_matmul
         gate_w, up_w, down_w = experts.float32()
         rows = gather_rows(x, x_kind, layout, top_k)
-        gate = expert_matmul(rows, gate_w, layout)
-        up = expert_matmul(rows, up_w, layout)
-        silu_and_mul(gate.reshape(-1), up.reshape(-1), gate.reshape(-1), layout.n_rows, inter,
+        gate = matmul(rows, gate_w, layout)
+        up = matmul(rows, up_w, layout)
+        silu_and_mul(flat(gate), flat(up), flat(gate), layout.n_rows, inter,
                      inter, inter, 0)
-        down = expert_matmul(gate, down_w, layout)
+        down = matmul(gate, down_w, layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
 
@@ -235,7 +244,7 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
 
     partial = dpnp.empty(splits(hidden) * n_pos * 2 * inter, dtype=np.float32, sycl_queue=queue)
     make_block_gemv_kernel(x_kind, experts.kind, block, cols_gu, True, True)(
-        x.reshape(-1), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
+        flat(x), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
     act = dpnp.empty(n_pos * inter, dtype=np.float32, sycl_queue=queue)
     make_finish_gate_up_kernel(options.activation, options.bias_kind)(
         partial, act, inter, hidden, n_pos, block, block_expert, options)
@@ -461,18 +470,18 @@ def fused_moe_forward(
             x_bytes=hidden_states.size * hidden_states.dtype.itemsize,
             weight_bytes_to_copy=sum(a.nbytes for a in on_host),
             widened_bytes=0 if not use_grouped_topk or w_kind == "float32"
-            or use_onemkl_bf16(queue, x_kind, w_kind) else 3 * gate_weights.size * 4,
+            or host_gemm_kind(queue, x_kind, w_kind) else 3 * gate_weights.size * 4,
             what="fused_moe_forward",
         )
         options = ExpertOptions(
             activation=activation, alpha=float(alpha), limit=float(limit),
             scale=float(routed_scaling_factor))
         if gate_bias is not None:
-            options.gate_bias = to_device(gate_bias, queue).reshape(-1)
-            options.up_bias = to_device(up_bias, queue).reshape(-1)
+            options.gate_bias = flat(to_device(gate_bias, queue))
+            options.up_bias = flat(to_device(up_bias, queue))
             options.bias_kind = float_kind("gate_bias", gate_bias)
         if down_bias is not None:
-            options.down_bias = to_device(down_bias, queue).reshape(-1)
+            options.down_bias = flat(to_device(down_bias, queue))
             options.down_bias_kind = float_kind("down_bias", down_bias)
         experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
                                 persistent=False)

@@ -18,8 +18,9 @@ import numpy as np
 
 from . import reference, validation
 from .alignment import Alignment, align_on_device
-from .arrays import empty, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
+from .arrays import empty, flat, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement
+from .pages import upload
 from .reduction import weighted_sum
 
 # A stacked batched GEMM is one launch but computes E*M rows; per-expert GEMMs compute only
@@ -51,18 +52,36 @@ class GroupedLayout:
         return dpnp.asarray(owners, sycl_queue=queue)
 
 
-def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int,
-                may_stack: bool = True) -> GroupedLayout:
+def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int) -> GroupedLayout:
     counts = dpnp.asnumpy(aligned.counts)  # one small copy: layouts are sized on the host
     n_slots = int(counts.sum())
     most = max(int(counts.max()), 1)
-    if may_stack and num_experts * most <= STACK_PADDING_LIMIT * n_slots:
+    if num_experts * most <= STACK_PADDING_LIMIT * n_slots:
         rows = dpnp.where(ids < 0, -1, ids * most + aligned.ranks)
         return GroupedLayout(rows.astype(np.int32), num_experts * most, most, [], num_experts)
     padded = -(-counts // block_size) * block_size
     starts = np.concatenate(([0], np.cumsum(padded)[:-1]))
     segments = [(e, int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
     return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments, num_experts)
+
+
+def plan_host_layout(ids: Any, num_experts: int) -> GroupedLayout:
+    """Per-expert layout without padding rows, planned on the host.
+
+    For host GEMMs (:func:`expert_matmul_host`): their per-expert segments are needed on
+    the host anyway, and planning there from one small copy of the ids replaces the
+    alignment kernels and their launches (what dominates a decode step's overhead).
+    """
+    host_ids = to_host(ids).reshape(-1)
+    local = host_ids >= 0  # ids < 0: experts on another device, given no row
+    counts = np.bincount(host_ids[local], minlength=num_experts)
+    order = np.argsort(host_ids, kind="stable")[host_ids.size - int(local.sum()):]  # by expert
+    row_of_slot = np.full(host_ids.size, -1, dtype=np.int32)
+    row_of_slot[order] = np.arange(order.size, dtype=np.int32)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    segments = [(int(e), int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
+    return GroupedLayout(upload(row_of_slot, ids.sycl_queue), int(order.size), 0, segments,
+                         num_experts)
 
 
 def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
@@ -73,17 +92,17 @@ def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
     n_slots, row_len = layout.row_of_slot.shape[0], src.shape[-1]
     rows = empty((layout.n_rows, row_len), rows_kind, src.sycl_queue)
     make_gather_rows_kernel(src_kind, rows_kind)(
-        src.reshape(-1), layout.row_of_slot, rows.reshape(-1), n_slots, row_len, top_k
+        flat(src), layout.row_of_slot, flat(rows), n_slots, row_len, top_k
     )
     return rows
 
 
-def expert_matmul_bf16(rows: Any, weights: Any, layout: GroupedLayout, trans_b: bool = False,
+def expert_matmul_host(rows: Any, weights: Any, layout: GroupedLayout, trans_b: bool = False,
                        packed: list | None = None) -> Any:
-    """bf16 rows [n_rows, K] times bf16 ``weights`` [E, K, N] ([E, N, K] with ``trans_b``)
-    through oneMKL's bf16 GEMM in place (CPU devices; per-expert layout) -> float32.
-    ``packed``: per expert, the weights in oneMKL's packed format (reused weights)."""
-    from . import onemkl_bf16
+    """Rows [n_rows, K] times ``weights`` [E, K, N] ([E, N, K] with ``trans_b``), both float32
+    or both bf16 bits, through oneMKL's host GEMM in place (CPU devices; per-expert layout)
+    -> float32. ``packed``: per expert, bf16 weights in oneMKL's packed format."""
+    from . import onemkl_host
 
     k_dim = rows.shape[1]
     n_dim = weights.shape[1] if trans_b else weights.shape[2]
@@ -91,18 +110,26 @@ def expert_matmul_bf16(rows: Any, weights: Any, layout: GroupedLayout, trans_b: 
     rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
     for expert, first, count in layout.segments:
         if packed is not None:
-            onemkl_bf16.gemm_packed(rows, first, packed[expert], out, first, count, n_dim, k_dim)
+            onemkl_host.gemm_packed(rows, first, packed[expert], out, first, count, n_dim, k_dim)
         else:
-            onemkl_bf16.gemm(rows, first, weights, expert * k_dim * n_dim, out, first,
+            onemkl_host.gemm(rows, first, weights, expert * k_dim * n_dim, out, first,
                              count, n_dim, k_dim, trans_b)
     return out
 
 
-def use_onemkl_bf16(queue: Any, *kinds: str) -> bool:
-    """bf16 GEMMs run on oneMKL in place when every operand is bf16 and the device allows."""
-    from . import onemkl_bf16
+def host_gemm_kind(queue: Any, rows_kind: str, weights_kind: str) -> str | None:
+    """The kind the grouped GEMMs run in through oneMKL's host GEMM (None: ``dpnp.matmul``):
+    float32 for float32 weights (rows are gathered as float32), bfloat16 when rows and
+    weights both are, when the device allows."""
+    from . import onemkl_host
 
-    return all(k == "bfloat16" for k in kinds) and onemkl_bf16.available(queue)
+    if weights_kind == "float32":
+        kind = "float32"
+    elif weights_kind == rows_kind == "bfloat16":
+        kind = "bfloat16"
+    else:
+        return None
+    return kind if onemkl_host.available(queue) else None
 
 
 def expert_matmul(rows: Any, weights: Any, layout: GroupedLayout) -> Any:
@@ -175,13 +202,14 @@ def grouped_gemm_moe(
     if num_tokens == 0:
         return
     ids = ids_to_device(topk_indices, queue)
-    bf16 = use_onemkl_bf16(queue, a_kind, b_kind)
-    layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
-                         num_experts, DEFAULT_BLOCK_SIZE, may_stack=not bf16)
-    if bf16:
-        rows = gather_rows(to_device(A, queue), a_kind, layout, top_k, "bfloat16")
-        products = expert_matmul_bf16(rows, to_device(B, queue), layout, trans_b)
+    host = host_gemm_kind(queue, a_kind, b_kind)
+    if host is not None:
+        layout = plan_host_layout(ids, num_experts)
+        rows = gather_rows(to_device(A, queue), a_kind, layout, top_k, host)
+        products = expert_matmul_host(rows, to_device(B, queue), layout, trans_b)
     else:
+        layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
+                             num_experts, DEFAULT_BLOCK_SIZE)
         rows = gather_rows(to_device(A, queue), a_kind, layout, top_k)
         b32 = widen(to_device(B, queue), b_kind)
         products = expert_matmul(rows, b32.transpose((0, 2, 1)) if trans_b else b32, layout)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import FLOAT_KINDS, HOST_DTYPE, from_device, narrow, to_device, to_host, widen
+from .arrays import FLOAT_KINDS, HOST_DTYPE, flat, from_device, narrow, to_device, to_host, widen
 from .device import default_queue, dpnp, fallback, is_device_array
 from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, check_expert_options,
                         check_experts, check_memory, run_on_device)
@@ -177,11 +177,11 @@ class MoELayer:
         self._experts = ExpertWeights(gate, up, down, self.kind, queue, persistent=True)
         self._options = ExpertOptions(activation=activation, alpha=self._alpha, limit=self._limit)
         if gate_bias is not None:  # the kernels index biases flat
-            self._options.gate_bias = f32(h["gate_bias"]).reshape(-1)
-            self._options.up_bias = f32(h["up_bias"]).reshape(-1)
+            self._options.gate_bias = flat(f32(h["gate_bias"]))
+            self._options.up_bias = flat(f32(h["up_bias"]))
             self._options.bias_kind = "float32"
         if down_bias is not None:
-            self._options.down_bias = f32(h["down_bias"]).reshape(-1)
+            self._options.down_bias = flat(f32(h["down_bias"]))
         self._shared = None
         if h["shared_gate"] is not None:
             as_stack = [h["shared_gate"][None], h["shared_up"][None], h["shared_down"][None]]
@@ -289,8 +289,8 @@ class MoELayer:
         if num_tokens:
             bias = self._correction_bias
             make_grouped_topk_kernel("float32", r.scoring == "sigmoid", bias is not None)(
-                logits.reshape(-1), weights.reshape(-1) if bias is None else bias,
-                weights.reshape(-1), ids.reshape(-1), num_tokens, self.num_experts,
+                flat(logits), flat(weights) if bias is None else bias,
+                flat(weights), flat(ids), num_tokens, self.num_experts,
                 r.num_expert_group, r.topk_group, r.top_k, r.renormalize, 1e-20,
                 r.routed_scaling_factor)
         return weights, ids

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import empty, from_device, to_device, to_host, weights_to_device
+from .arrays import empty, flat, from_device, to_device, to_host, weights_to_device
 from .device import dpnp, placement, returns_numpy
 
 
@@ -26,9 +26,9 @@ def weighted_sum(rows: Any, rows_kind: str, row_of_slot: Any, weights: Any, ids:
     num_tokens, n_cols = out.shape
     has_bias = bias is not None
     make_weighted_sum_kernel(rows_kind, bias_kind, out_kind)(
-        rows.reshape(-1), row_of_slot, weights, ids,
-        bias.reshape(-1) if has_bias else weights,  # never read without a bias
-        out.reshape(-1), num_tokens, n_cols, top_k, has_bias, renormalize, n_parts, part_rows,
+        flat(rows), row_of_slot, weights, ids,
+        flat(bias) if has_bias else weights,  # never read without a bias
+        flat(out), num_tokens, n_cols, top_k, has_bias, renormalize, n_parts, part_rows,
         scale,
     )
 

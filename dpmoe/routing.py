@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import to_device, to_host
+from .arrays import flat, to_device, to_host
 from .device import dpnp, placement, returns_numpy
 
 SCORINGS = ("softmax", "softmax_after_topk")
@@ -87,7 +87,7 @@ def route_on_device(logits: Any, kind: str, top_k: int, renormalize: bool,
     weights, ids = _outputs(num_tokens, top_k, logits.sycl_queue)
     if num_tokens > 0:
         make_topk_softmax_kernel(kind, scoring == "softmax_after_topk")(
-            logits.reshape(-1), weights.reshape(-1), ids.reshape(-1), num_tokens, num_experts,
+            flat(logits), flat(weights), flat(ids), num_tokens, num_experts,
             top_k, bool(renormalize),
         )
     return weights, ids
@@ -182,8 +182,8 @@ def _grouped(gating_logits, top_k, num_groups, topk_group, renormalize, scoring_
     if num_tokens > 0:
         bias = weights_to_device(correction_bias, queue) if correction_bias is not None else weights
         make_grouped_topk_kernel(kind, scoring_func == "sigmoid", correction_bias is not None)(
-            to_device(gating_logits, queue).reshape(-1), bias.reshape(-1), weights.reshape(-1),
-            ids.reshape(-1), num_tokens, num_experts, num_groups, topk_group, top_k,
+            flat(to_device(gating_logits, queue)), flat(bias), flat(weights),
+            flat(ids), num_tokens, num_experts, num_groups, topk_group, top_k,
             bool(renormalize), epsilon, scale,
         )
     return _returned(arrays, weights, ids)

@@ -115,15 +115,16 @@ class TestFusedMoEDevice:
         assert result is x
         assert_close(x.asnumpy(), reference.fused_moe_forward(*problem, 2, True))
 
-    def test_onemkl_bf16_gemm_path_agrees_with_the_float32_gemm_path(self, rng, monkeypatch):
-        from dpmoe import onemkl_bf16
+    @pytest.mark.parametrize("dtype", [np.float32, dpmoe.arrays.BFLOAT16], ids=["f32", "bf16"])
+    def test_host_onemkl_gemm_path_agrees_with_the_dpnp_matmul_path(self, rng, monkeypatch, dtype):
+        from dpmoe import onemkl_host
 
-        problem = make_problem(rng, 50, 64, 48, 6, 2, None, dpmoe.arrays.BFLOAT16)
+        problem = make_problem(rng, 50, 64, 48, 6, 2, None, dtype)
         queue = dpmoe.device.default_queue()[0]
-        if not onemkl_bf16.available(queue):
-            pytest.skip("no in-place oneMKL bf16 GEMM on this device")
+        if not onemkl_host.available(queue):
+            pytest.skip("no in-place host oneMKL GEMM on this device")
         with_mkl = dpmoe.fused_moe_forward(*problem)
-        monkeypatch.setenv("DPMOE_NO_ONEMKL_BF16", "1")
+        monkeypatch.setenv("DPMOE_NO_HOST_ONEMKL", "1")
         with_dpnp = dpmoe.fused_moe_forward(*problem)
         want = reference.fused_moe_forward(*problem, 2, True)
         assert_close(with_mkl, want)

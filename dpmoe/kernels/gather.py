@@ -24,16 +24,15 @@ def make_gather_rows_kernel(src_kind: str, dst_kind: str):
         row_len,
         top_k,
     ):
-        i = item.get_id(0)
-        slot = i // row_len
-        col = i - slot * row_len
+        col = item.get_id(0)  # columns along the vector lanes: their loads are contiguous
+        slot = item.get_id(1)
         row = row_of_slot[slot]
         if row >= 0:  # -1: the slot's expert is not on this device
             store(dst, row * row_len + col, load(src, (slot // top_k) * row_len + col))
 
     def launch(src, row_of_slot, dst, n_slots, row_len, top_k):
         call(
-            gather_rows_kernel, dpex.Range(n_slots * row_len), src, row_of_slot, dst,
+            gather_rows_kernel, dpex.Range(row_len, n_slots), src, row_of_slot, dst,
             row_len, top_k,
         )
 

@@ -188,9 +188,8 @@ def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
         alpha,
         limit,
     ):
-        i = item.get_id(0)
-        pos = i // inter
-        col = i - pos * inter
+        col = item.get_id(0)  # columns along the vector lanes: their loads are contiguous
+        pos = item.get_id(1)
         g = np.float32(0.0)
         u = np.float32(0.0)
         for s in range(n_splits):
@@ -201,12 +200,12 @@ def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
             at = block_expert[pos // block] * inter + col
             g += load_bias(gate_bias, at)
             u += load_bias(up_bias, at)
-        act[i] = act_mul(g, u, alpha, limit)
+        act[pos * inter + col] = act_mul(g, u, alpha, limit)
 
     def launch(partial, act, inter, n_rows, n_pos, block, block_expert, options):
         biased = options.gate_bias is not None
         call(
-            finish_gate_up_kernel, dpex.Range(n_pos * inter), partial, act, block_expert,
+            finish_gate_up_kernel, dpex.Range(inter, n_pos), partial, act, block_expert,
             options.gate_bias if biased else partial, options.up_bias if biased else partial,
             inter, splits(n_rows), n_pos, block, np.float32(options.alpha),
             np.float32(options.limit),

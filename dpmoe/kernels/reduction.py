@@ -34,9 +34,8 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
         part_rows,
         scale,
     ):
-        i = item.get_id(0)
-        t = i // n_cols
-        col = i - t * n_cols
+        col = item.get_id(0)  # columns along the vector lanes: their loads are contiguous
+        t = item.get_id(1)
         total = np.float32(1.0)  # dividing by 1 is exact: one code path for both cases
         if renormalize != 0:
             total = np.float32(0.0)
@@ -53,12 +52,12 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
             if has_bias != 0:
                 v += load_bias(bias, ids[s] * n_cols + col)
             acc += (weights[s] / total) * v
-        store(out, i, acc * scale)
+        store(out, t * n_cols + col, acc * scale)
 
     def launch(rows, row_of_slot, weights, ids, bias, out, num_tokens, n_cols, top_k,
                has_bias, renormalize, n_parts, part_rows, scale):
         call(
-            weighted_sum_kernel, dpex.Range(num_tokens * n_cols), rows, row_of_slot,
+            weighted_sum_kernel, dpex.Range(n_cols, num_tokens), rows, row_of_slot,
             weights, ids, bias, out, n_cols, top_k, int(has_bias), int(renormalize),
             n_parts, part_rows, np.float32(scale),
         )

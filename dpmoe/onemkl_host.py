@@ -1,12 +1,19 @@
-"""bfloat16 GEMM through oneMKL's CBLAS on host-addressable device memory (CPU devices).
+"""oneMKL's CBLAS GEMMs on host-addressable device memory (CPU devices).
 
-dpnp has no bfloat16 dtype, so ``dpnp.matmul`` needs float32 copies of bf16 weights and
-runs at float32 speed. oneMKL has ``cblas_gemm_bf16bf16f32`` (bf16 inputs, float32
-accumulation and output; AMX or AVX512-BF16 where the CPU has them). On a CPU SYCL device,
-USM allocations are ordinary host memory, so that routine can run on the device arrays in
-place: measured 610 GFLOP/s against 196 for ``dpnp.matmul`` in float32 on the project's
-machine. On other devices (GPUs) this module reports itself unavailable and the portable
-``dpnp.matmul`` path runs.
+On a CPU SYCL device, USM allocations are ordinary host memory, so oneMKL's host BLAS can
+run on the device arrays in place, threaded by oneMKL itself rather than by the OpenCL CPU
+runtime. Two reasons to, measured on the project's machine:
+
+- bfloat16: dpnp has no bfloat16 dtype, so ``dpnp.matmul`` needs float32 copies of bf16
+  weights and runs at float32 speed. ``cblas_gemm_bf16bf16f32`` takes bf16 inputs with
+  float32 accumulation and output (AMX or AVX512-BF16 where the CPU has them): 610 against
+  196 GFLOP/s for ``dpnp.matmul`` in float32.
+- float32 at few rows: kernels run by the OpenCL CPU runtime (``dpnp.matmul``'s oneMKL
+  SYCL GEMM and numba-dpex kernels alike) streamed weights at 10-13 GB/s, ``cblas_sgemm``
+  on the same memory at 22-24 GB/s once it sits on huge pages (:mod:`dpmoe.pages`).
+
+On other devices (GPUs) this module reports itself unavailable and the portable
+``dpnp.matmul`` path runs; ``DPMOE_NO_HOST_ONEMKL=1`` forces that path on CPUs too.
 
 The library is loaded with ``RTLD_LOCAL`` (the default of ctypes.CDLL): nothing enters the
 global symbol namespace, so PyTorch loaded before or after keeps its own BLAS.
@@ -37,7 +44,7 @@ def _load() -> Any:
             path = os.path.join(sys.prefix, "lib", "libmkl_rt.so.2")
             try:
                 lib = ctypes.CDLL(path if os.path.exists(path) else "libmkl_rt.so.2")
-                for name in ("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32_compute"):
+                for name in ("cblas_sgemm", "cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32_compute"):
                     getattr(lib, name).restype = None
                     getattr(lib, name).argtypes = _GEMM_ARGS
                 lib.cblas_gemm_bf16bf16f32_pack_get_size.restype = ctypes.c_size_t
@@ -53,8 +60,8 @@ def _load() -> Any:
 
 
 def available(queue: Any) -> bool:
-    """Whether bf16 GEMMs can run in place on ``queue``'s memory."""
-    if os.environ.get("DPMOE_NO_ONEMKL_BF16", "") not in ("", "0"):
+    """Whether host GEMMs can run in place on ``queue``'s memory."""
+    if os.environ.get("DPMOE_NO_HOST_ONEMKL", "") not in ("", "0"):
         return False
     return bool(queue.sycl_device.is_cpu) and _load() is not None
 
@@ -68,12 +75,14 @@ def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
     """``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k] with
     ``trans_b``) starting at element ``b_offset`` of ``b``.
 
-    ``a`` [*, k] and ``b`` are uint16 bf16 bits, ``c`` [*, n] float32, all C-contiguous
-    device arrays on a CPU queue with no kernel still writing them.
+    ``a`` [*, k] and ``b`` both float32, or both uint16 bf16 bits; ``c`` [*, n] float32; all
+    C-contiguous device arrays on a CPU queue with no kernel still writing them.
     """
-    _lib.cblas_gemm_bf16bf16f32(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
-          int(_pointer(a) + 2 * a_row * k), k, int(_pointer(b) + 2 * b_offset),
-          k if trans_b else n, 0.0, int(_pointer(c) + 4 * c_row * n), n)
+    size = a.itemsize
+    routine = _lib.cblas_sgemm if size == 4 else _lib.cblas_gemm_bf16bf16f32
+    routine(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
+            int(_pointer(a) + size * a_row * k), k, int(_pointer(b) + size * b_offset),
+            k if trans_b else n, 0.0, int(_pointer(c) + 4 * c_row * n), n)
 
 
 def packed_size(n: int, k: int) -> int:

@@ -24,6 +24,7 @@ from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmu
                            expert_matmul_host, gather_rows, host_gemm_kind, plan_host_layout,
                            plan_layout)
 from .memory import GIB, check_fits, tokens_per_chunk
+from .pages import upload
 from .reduction import weighted_sum
 
 
@@ -233,7 +234,7 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
     shared = np.bincount(ids_host[ids_host >= 0], minlength=num_experts).max(initial=0) > 1
     block = PER_TOKEN_BLOCK if shared else 1
     meta, n_pos, n_blocks = plan_blocks(ids_host, num_experts, block)
-    meta = dpnp.asarray(meta, sycl_queue=queue)
+    meta = upload(meta, queue)
     slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
     row_of_slot = meta[n_pos + n_blocks:]
     (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
@@ -242,14 +243,14 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
                      top_k, renormalize, scale=options.scale)
         return
 
-    partial = dpnp.empty(splits(hidden) * n_pos * 2 * inter, dtype=np.float32, sycl_queue=queue)
+    partial = empty((splits(hidden) * n_pos * 2 * inter,), "float32", queue)
     make_block_gemv_kernel(x_kind, experts.kind, block, cols_gu, True, True)(
         flat(x), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
-    act = dpnp.empty(n_pos * inter, dtype=np.float32, sycl_queue=queue)
+    act = empty((n_pos * inter,), "float32", queue)
     make_finish_gate_up_kernel(options.activation, options.bias_kind)(
         partial, act, inter, hidden, n_pos, block, block_expert, options)
 
-    partial = dpnp.empty(splits(inter) * n_pos * hidden, dtype=np.float32, sycl_queue=queue)
+    partial = empty((splits(inter) * n_pos * hidden,), "float32", queue)
     make_block_gemv_kernel("float32", experts.kind, block, cols_d, False, False)(
         act, down, down, slot_of_pos, block_expert, partial, inter, hidden, top_k, n_slots)
     weighted_sum(partial, "float32", row_of_slot, weights, ids, out, out_kind, top_k, renormalize,

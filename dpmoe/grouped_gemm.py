@@ -106,8 +106,11 @@ def expert_matmul_host(rows: Any, weights: Any, layout: GroupedLayout, trans_b: 
 
     k_dim = rows.shape[1]
     n_dim = weights.shape[1] if trans_b else weights.shape[2]
-    out = dpnp.empty((layout.n_rows, n_dim), dtype=np.float32, sycl_queue=rows.sycl_queue)
+    out = empty((layout.n_rows, n_dim), "float32", rows.sycl_queue)
     rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
+    if rows.dtype == np.float32:
+        onemkl_host.gemm_batch(rows, weights, out, layout.segments, n_dim, k_dim, trans_b)
+        return out
     for expert, first, count in layout.segments:
         if packed is not None:
             onemkl_host.gemm_packed(rows, first, packed[expert], out, first, count, n_dim, k_dim)
@@ -138,7 +141,7 @@ def expert_matmul(rows: Any, weights: Any, layout: GroupedLayout) -> Any:
     if layout.rows_per_expert:
         stacked = rows.reshape(weights.shape[0], layout.rows_per_expert, rows.shape[1])
         return dpnp.matmul(stacked, weights).reshape(layout.n_rows, n_cols)
-    out = dpnp.empty((layout.n_rows, n_cols), dtype=np.float32, sycl_queue=rows.sycl_queue)
+    out = empty((layout.n_rows, n_cols), "float32", rows.sycl_queue)
     for expert, first, count in layout.segments:
         dpnp.matmul(rows[first : first + count], weights[expert], out=out[first : first + count])
     return out

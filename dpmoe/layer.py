@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import FLOAT_KINDS, HOST_DTYPE, flat, from_device, narrow, to_device, to_host, widen
+from .arrays import FLOAT_KINDS, HOST_DTYPE, empty, flat, from_device, narrow, to_device, to_host, widen
 from .device import default_queue, dpnp, fallback, is_device_array
 from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, check_expert_options,
                         check_experts, check_memory, run_on_device)
@@ -284,8 +284,8 @@ class MoELayer:
         if not r.grouped:
             return route_on_device(logits, "float32", r.top_k, r.renormalize, r.scoring)
         num_tokens = logits.shape[0]
-        weights = dpnp.empty((num_tokens, r.top_k), dtype=np.float32, sycl_queue=self.queue)
-        ids = dpnp.empty((num_tokens, r.top_k), dtype=np.int32, sycl_queue=self.queue)
+        weights = empty((num_tokens, r.top_k), "float32", self.queue)
+        ids = empty((num_tokens, r.top_k), "int32", self.queue)
         if num_tokens:
             bias = self._correction_bias
             make_grouped_topk_kernel("float32", r.scoring == "sigmoid", bias is not None)(

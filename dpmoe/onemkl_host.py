@@ -44,9 +44,12 @@ def _load() -> Any:
             path = os.path.join(sys.prefix, "lib", "libmkl_rt.so.2")
             try:
                 lib = ctypes.CDLL(path if os.path.exists(path) else "libmkl_rt.so.2")
-                for name in ("cblas_sgemm", "cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32_compute"):
+                for name in ("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32_compute"):
                     getattr(lib, name).restype = None
                     getattr(lib, name).argtypes = _GEMM_ARGS
+                lib.cblas_sgemm_batch.restype = None
+                lib.cblas_sgemm_batch.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [
+                    ctypes.c_int, ctypes.c_void_p]
                 lib.cblas_gemm_bf16bf16f32_pack_get_size.restype = ctypes.c_size_t
                 lib.cblas_gemm_bf16bf16f32_pack_get_size.argtypes = [ctypes.c_int] * 4
                 lib.cblas_gemm_bf16bf16f32_pack.restype = None
@@ -72,17 +75,46 @@ def _pointer(d: Any) -> int:
 
 def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
          m: int, n: int, k: int, trans_b: bool = False) -> None:
-    """``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k] with
-    ``trans_b``) starting at element ``b_offset`` of ``b``.
+    """bf16: ``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k]
+    with ``trans_b``) starting at element ``b_offset`` of ``b``.
 
-    ``a`` [*, k] and ``b`` both float32, or both uint16 bf16 bits; ``c`` [*, n] float32; all
-    C-contiguous device arrays on a CPU queue with no kernel still writing them.
+    ``a`` [*, k] and ``b`` uint16 bf16 bits, ``c`` [*, n] float32, all C-contiguous device
+    arrays on a CPU queue with no kernel still writing them.
     """
-    size = a.itemsize
-    routine = _lib.cblas_sgemm if size == 4 else _lib.cblas_gemm_bf16bf16f32
-    routine(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
-            int(_pointer(a) + size * a_row * k), k, int(_pointer(b) + size * b_offset),
-            k if trans_b else n, 0.0, int(_pointer(c) + 4 * c_row * n), n)
+    _lib.cblas_gemm_bf16bf16f32(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
+                                1.0, int(_pointer(a) + 2 * a_row * k), k,
+                                int(_pointer(b) + 2 * b_offset), k if trans_b else n, 0.0,
+                                int(_pointer(c) + 4 * c_row * n), n)
+
+
+def gemm_batch(a: Any, b: Any, c: Any, segments: list, n: int, k: int,
+               trans_b: bool = False) -> None:
+    """float32: for each ``(expert, first, count)`` of ``segments``,
+    ``c[first:first+count] = a[first:first+count] @ B_expert`` with B_expert the expert-th
+    [k, n] matrix of ``b`` ([n, k] with ``trans_b``), in one ``cblas_sgemm_batch`` call.
+    Arrays as in :func:`gemm`, float32.
+
+    One call lets oneMKL schedule all experts' GEMMs at once (measured 1.1-1.8x faster than
+    one call per expert at 16-1024 tokens); oneMKL has no batched bf16 GEMM.
+    """
+    count = len(segments)
+    if count == 0:
+        return
+    experts, firsts, rows = (np.array(column, dtype=np.int64) for column in zip(*segments))
+
+    def ints(values: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.int32), (count,)))
+
+    def pointers(d: Any, offsets: np.ndarray) -> np.ndarray:
+        return (np.uint64(_pointer(d)) + (offsets * 4).astype(np.uint64)).astype(np.uintp)
+
+    keep = [ints(_NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), ints(rows), ints(n), ints(k),
+            np.ones(count, np.float32), pointers(a, firsts * k), ints(k),
+            pointers(b, experts * (k * n)), ints(k if trans_b else n), np.zeros(count, np.float32),
+            pointers(c, firsts * n), ints(n)]
+    group_sizes = ints(1)
+    _lib.cblas_sgemm_batch(_ROW_MAJOR, *(x.ctypes.data for x in keep), count,
+                           group_sizes.ctypes.data)
 
 
 def packed_size(n: int, k: int) -> int:

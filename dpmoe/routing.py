@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation
-from .arrays import flat, to_device, to_host
+from .arrays import empty, flat, to_device, to_host
 from .device import dpnp, placement, returns_numpy
 
 SCORINGS = ("softmax", "softmax_after_topk")
@@ -34,8 +34,7 @@ def _check_logits(gating_logits: Any, top_k: Any) -> tuple[str, int, int, int]:
 
 
 def _outputs(num_tokens: int, top_k: int, queue: Any) -> tuple[Any, Any]:
-    return (dpnp.empty((num_tokens, top_k), dtype=np.float32, sycl_queue=queue),
-            dpnp.empty((num_tokens, top_k), dtype=np.int32, sycl_queue=queue))
+    return empty((num_tokens, top_k), "float32", queue), empty((num_tokens, top_k), "int32", queue)
 
 
 def _returned(arrays: dict, weights: Any, ids: Any) -> tuple[Any, Any]:

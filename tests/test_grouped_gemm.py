@@ -41,3 +41,35 @@ def test_dpnp_output_written_in_place(rng):
     want = np.zeros((6, 5), np.float32)
     reference.grouped_gemm_moe(A, B, None, want, weights, ids, 2)
     assert_close(D.asnumpy(), want)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), DTYPES[2]], ids=["f32", "bf16"])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("skew", [None, "one"], ids=["stacked", "per-expert"])
+def test_portable_dpnp_matmul_path_matches_reference(rng, monkeypatch, dtype, trans_b, skew):
+    # on CPU devices float32 and bf16 go through oneMKL's host GEMM; this forces the
+    # dpnp.matmul path every other device takes (stacked when balanced, else per expert)
+    monkeypatch.setenv("DPMOE_NO_HOST_ONEMKL", "1")
+    A = normal(rng, (40, 24), dtype)
+    B = normal(rng, (5, 24, 12), dtype, scale=0.2)
+    if trans_b:
+        B = np.ascontiguousarray(B.transpose(0, 2, 1))
+    weights, ids = routing(rng, 40, 5, 2, skew)
+    D = np.zeros((40, 12), dtype)
+    want = D.copy()
+    reference.grouped_gemm_moe(A, B, None, want, weights, ids, 2, trans_b)
+    dpmoe.grouped_gemm_moe(A, B, None, D, weights, ids, 2, trans_b)
+    assert_close(D, want)
+
+
+@needs_device
+def test_host_layout_groups_slots_by_expert_without_padding():
+    from dpmoe.grouped_gemm import plan_host_layout
+
+    ids = np.array([[3, 0], [-1, 3], [0, 2], [3, -1]], dtype=np.int32)  # -1: not local
+    layout = plan_host_layout(to_dpnp(ids), 4)
+    row_of_slot = layout.row_of_slot.asnumpy()
+    assert layout.n_rows == 6
+    assert layout.segments == [(0, 0, 2), (2, 2, 1), (3, 3, 3)]
+    assert row_of_slot.tolist() == [3, 0, -1, 4, 1, 2, 5, -1]  # stable within an expert

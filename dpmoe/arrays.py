@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from .device import dpnp, is_device_array
-from .pages import advise, upload
+from .pages import upload
 
 FLOAT_KINDS = ("float32", "float16", "bfloat16")
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -94,9 +94,7 @@ def empty(shape: tuple[int, ...], kind: str, queue: Any) -> Any:
     import dpctl.tensor as dpt
 
     dtype = {"float32": np.float32, "int32": np.int32}.get(kind, np.uint16)
-    d = dpnp.ndarray._create_from_usm_ndarray(dpt.empty(shape, dtype=dtype, sycl_queue=queue))
-    advise(d)  # large intermediates: one fault per 2 MiB instead of per 4 KiB when written
-    return d
+    return dpnp.ndarray._create_from_usm_ndarray(dpt.empty(shape, dtype=dtype, sycl_queue=queue))
 
 
 def ids_to_device(a: Any, queue: Any) -> Any:

@@ -160,30 +160,26 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         biases = dict(row_expert=layout.row_expert(queue), gate_bias=options.gate_bias,
                       up_bias=options.up_bias)
 
-    def silu_and_mul(gate, up, out, rows, d, gate_stride, up_stride, up_offset):
-        act_kernel(gate, up, out, rows, d, gate_stride, up_stride, up_offset,
+    def activate(gate, up, out):
+        act_kernel(flat(gate), flat(up), flat(out), layout.n_rows, inter, inter, inter, 0,
                    options.alpha, options.limit, **biases)
 
     if bf16:
         # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
         # for the down GEMM, as any bf16 GEMM pipeline does
-        packed = experts.packed() or (None, None, None)
+        packed = experts.packed()
         rows = gather_rows(x, x_kind, layout, top_k, "bfloat16")
-        gate = expert_matmul_host(rows, experts.gate, layout, packed=packed[0])
-        up = expert_matmul_host(rows, experts.up, layout, packed=packed[1])
+        gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
+                                      packed=packed and packed[:2])
         act = empty((layout.n_rows, inter), "bfloat16", queue)
-        silu_and_mul(flat(gate), flat(up), flat(act), layout.n_rows, inter,
-                     inter, inter, 0)
-        down = expert_matmul_host(act, experts.down, layout, packed=packed[2])
+        activate(gate, up, act)
+        (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:])
     else:
         matmul = expert_matmul_host if host else expert_matmul
         gate_w, up_w, down_w = experts.float32()
-        rows = gather_rows(x, x_kind, layout, top_k)
-        gate = matmul(rows, gate_w, layout)
-        up = matmul(rows, up_w, layout)
-        silu_and_mul(flat(gate), flat(up), flat(gate), layout.n_rows, inter,
-                     inter, inter, 0)
-        down = matmul(gate, down_w, layout)
+        gate, up = matmul(gather_rows(x, x_kind, layout, top_k), (gate_w, up_w), layout)
+        activate(gate, up, gate)
+        (down,) = matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
 

@@ -145,7 +145,7 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
     host = host_gemm_kind(queue, x_kind, experts.kind)
     bf16 = host == "bfloat16"
     if host is not None:
-        layout = plan_host_layout(ids, num_experts)
+        layout = plan_host_layout(ids, num_experts, top_k)
     else:
         layout = plan_layout(ids, align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE),
                              num_experts, DEFAULT_BLOCK_SIZE)
@@ -160,6 +160,14 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         biases = dict(row_expert=layout.row_expert(queue), gate_bias=options.gate_bias,
                       up_bias=options.up_bias)
 
+    def token_rows(kind: str) -> tuple[Any, list | None]:
+        """The first GEMMs' input: the tokens in place when they can be (decode), else the
+        slots' rows gathered by expert, as ``kind``."""
+        a_rows = layout.token_rows() if host and x_kind == kind else None
+        if a_rows is not None:
+            return x, a_rows
+        return gather_rows(x, x_kind, layout, top_k, kind), None
+
     def activate(gate, up, out):
         act_kernel(flat(gate), flat(up), flat(out), layout.n_rows, inter, inter, inter, 0,
                    options.alpha, options.limit, **biases)
@@ -168,17 +176,21 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
         # for the down GEMM, as any bf16 GEMM pipeline does
         packed = experts.packed()
-        rows = gather_rows(x, x_kind, layout, top_k, "bfloat16")
+        rows, a_rows = token_rows("bfloat16")
         gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
-                                      packed=packed and packed[:2])
+                                      packed=packed and packed[:2], a_rows=a_rows)
         act = empty((layout.n_rows, inter), "bfloat16", queue)
         activate(gate, up, act)
         (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:])
     else:
-        matmul = expert_matmul_host if host else expert_matmul
         gate_w, up_w, down_w = experts.float32()
-        gate, up = matmul(gather_rows(x, x_kind, layout, top_k), (gate_w, up_w), layout)
+        rows, a_rows = token_rows("float32")
+        if host:
+            gate, up = expert_matmul_host(rows, (gate_w, up_w), layout, a_rows=a_rows)
+        else:
+            gate, up = expert_matmul(rows, (gate_w, up_w), layout)
         activate(gate, up, gate)
+        matmul = expert_matmul_host if host else expert_matmul
         (down,) = matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)

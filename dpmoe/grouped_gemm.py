@@ -40,6 +40,14 @@ class GroupedLayout:
     rows_per_expert: int  # M when stacked, 0 for the per-expert layout
     segments: list  # per-expert layout: (expert, first row, rows) for experts with slots
     num_experts: int = 0
+    token_of_row: np.ndarray | None = None  # host-planned layouts: each row's token
+
+    def token_rows(self) -> list | None:
+        """When every expert has one row (decode), the token row each segment reads, so the
+        host GEMMs can read the tokens in place instead of a gathered copy; else None."""
+        if self.token_of_row is None or any(count != 1 for _, _, count in self.segments):
+            return None
+        return [int(self.token_of_row[first]) for _, first, _ in self.segments]
 
     def row_expert(self, queue: Any) -> Any:
         """(n_rows) int32 device array: the expert each row belongs to (padding: 0)."""
@@ -65,14 +73,16 @@ def plan_layout(ids: Any, aligned: Alignment, num_experts: int, block_size: int)
     return GroupedLayout(aligned.row_of_slot, int(padded.sum()), 0, segments, num_experts)
 
 
-def plan_host_layout(ids: Any, num_experts: int) -> GroupedLayout:
+def plan_host_layout(ids: Any, num_experts: int, top_k: int) -> GroupedLayout:
     """Per-expert layout without padding rows, planned on the host.
 
     For host GEMMs (:func:`expert_matmul_host`): their per-expert segments are needed on
     the host anyway, and planning there from one small copy of the ids replaces the
     alignment kernels and their launches (what dominates a decode step's overhead).
     """
-    host_ids = to_host(ids).reshape(-1)
+    from .onemkl_host import host_copy
+
+    host_ids = host_copy(flat(ids))
     local = host_ids >= 0  # ids < 0: experts on another device, given no row
     counts = np.bincount(host_ids[local], minlength=num_experts)
     order = np.argsort(host_ids, kind="stable")[host_ids.size - int(local.sum()):]  # by expert
@@ -81,7 +91,7 @@ def plan_host_layout(ids: Any, num_experts: int) -> GroupedLayout:
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     segments = [(int(e), int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
     return GroupedLayout(upload(row_of_slot, ids.sycl_queue), int(order.size), 0, segments,
-                         num_experts)
+                         num_experts, order // top_k)
 
 
 def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
@@ -98,14 +108,15 @@ def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
 
 
 def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b: bool = False,
-                       packed: tuple | None = None) -> list:
+                       packed: tuple | None = None, a_rows: list | None = None) -> list:
     """Rows [n_rows, K] times each of ``stacks`` ([E, K, N] weights, [E, N, K] with
     ``trans_b``), rows and weights both float32 or both bf16 bits, through oneMKL's host
     GEMMs in place (CPU devices; per-expert layout) -> one float32 [n_rows, N] per stack.
 
     ``packed``: per stack, per expert, bf16 weights in oneMKL's packed format (used for
     experts with two or more rows: a single row is a GEMV, which reads the bf16 weights
-    faster in place than 2.4x their bytes packed).
+    faster in place than 2.4x their bytes packed). ``a_rows``: per segment, the row of
+    ``rows`` it starts at, when not the layout's (see :meth:`GroupedLayout.token_rows`).
     """
     from . import onemkl_host
 
@@ -115,15 +126,16 @@ def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b:
     rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
     if rows.dtype == np.float32:
         onemkl_host.gemm_batch(rows, list(zip(stacks, outs)), layout.segments, n_dim, k_dim,
-                               trans_b)
+                               trans_b, a_rows)
         return outs
+    starts = a_rows or [first for _, first, _ in layout.segments]
     for i, (weights, out) in enumerate(zip(stacks, outs)):
-        for expert, first, count in layout.segments:
+        for (expert, first, count), a_row in zip(layout.segments, starts):
             if packed is not None and count > 1:
-                onemkl_host.gemm_packed(rows, first, packed[i][expert], out, first, count,
+                onemkl_host.gemm_packed(rows, a_row, packed[i][expert], out, first, count,
                                         n_dim, k_dim)
             else:
-                onemkl_host.gemm(rows, first, weights, expert * k_dim * n_dim, out, first,
+                onemkl_host.gemm(rows, a_row, weights, expert * k_dim * n_dim, out, first,
                                  count, n_dim, k_dim, trans_b)
     return outs
 
@@ -220,7 +232,7 @@ def grouped_gemm_moe(
     ids = ids_to_device(topk_indices, queue)
     host = host_gemm_kind(queue, a_kind, b_kind)
     if host is not None:
-        layout = plan_host_layout(ids, num_experts)
+        layout = plan_host_layout(ids, num_experts, top_k)
         rows = gather_rows(to_device(A, queue), a_kind, layout, top_k, host)
         (products,) = expert_matmul_host(rows, (to_device(B, queue),), layout, trans_b)
     else:

@@ -73,6 +73,15 @@ def _pointer(d: Any) -> int:
     return d.get_array()._pointer
 
 
+def host_copy(d: Any) -> np.ndarray:
+    """A NumPy copy of C-contiguous device array ``d`` on a CPU queue, read in place once the
+    queue is idle (7 us against 33 for ``dpnp.asnumpy`` on a few ids)."""
+    h = np.empty(d.shape, dtype=d.dtype)
+    d.sycl_queue.wait()
+    ctypes.memmove(h.ctypes.data, _pointer(d), h.nbytes)
+    return h
+
+
 def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
          m: int, n: int, k: int, trans_b: bool = False) -> None:
     """bf16: ``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k]
@@ -88,35 +97,36 @@ def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
 
 
 def gemm_batch(a: Any, products: list, segments: list, n: int, k: int,
-               trans_b: bool = False) -> None:
+               trans_b: bool = False, a_rows: list | None = None) -> None:
     """float32: for each ``(b, c)`` of ``products`` and each ``(expert, first, count)`` of
     ``segments``, ``c[first:first+count] = a[first:first+count] @ B`` with B the expert-th
     [k, n] matrix of ``b`` ([n, k] with ``trans_b``); all in one ``cblas_sgemm_batch`` call.
-    Arrays as in :func:`gemm`, float32.
+    ``a_rows``: per segment, the row of ``a`` to start at instead of ``first``. Arrays as in
+    :func:`gemm`, float32.
 
     One call lets oneMKL schedule every GEMM at once (measured 1.1-1.8x faster than one call
     per expert at 16-1024 tokens); oneMKL has no batched bf16 GEMM.
     """
     if not segments:
         return
-    experts, firsts, rows = (np.array(column, dtype=np.int64) for column in zip(*segments))
     count = len(segments) * len(products)
-
-    def ints(values: Any) -> np.ndarray:
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.int32), (count,)))
-
-    def pointers(arrays: list, offsets: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.uint64(_pointer(d)) + (offsets * 4).astype(np.uint64)
-                               for d in arrays]).astype(np.uintp)
-
-    keep = [ints(_NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS),
-            ints(np.tile(rows, len(products))), ints(n), ints(k), np.ones(count, np.float32),
-            pointers([a] * len(products), firsts * k), ints(k),
-            pointers([b for b, _ in products], experts * (k * n)), ints(k if trans_b else n),
-            np.zeros(count, np.float32), pointers([c for _, c in products], firsts * n), ints(n)]
-    group_sizes = ints(1)
-    _lib.cblas_sgemm_batch(_ROW_MAJOR, *(x.ctypes.data for x in keep), count,
-                           group_sizes.ctypes.data)
+    a_base = _pointer(a)
+    # plain ctypes arrays: building them with NumPy cost 90 us a call, more than small GEMMs
+    a_ptrs, b_ptrs, c_ptrs, rows = [], [], [], []
+    for b, c in products:
+        b_base, c_base = _pointer(b), _pointer(c)
+        for (expert, first, m), a_row in zip(segments, a_rows or [s[1] for s in segments]):
+            a_ptrs.append(a_base + 4 * a_row * k)
+            b_ptrs.append(b_base + 4 * expert * k * n)
+            c_ptrs.append(c_base + 4 * first * n)
+            rows.append(m)
+    ints, floats, pointers = ctypes.c_int * count, ctypes.c_float * count, ctypes.c_void_p * count
+    _lib.cblas_sgemm_batch(
+        _ROW_MAJOR, ints(*[_NO_TRANS] * count), ints(*[_TRANS if trans_b else _NO_TRANS] * count),
+        ints(*rows), ints(*[n] * count), ints(*[k] * count), floats(*[1.0] * count),
+        pointers(*a_ptrs), ints(*[k] * count), pointers(*b_ptrs),
+        ints(*[k if trans_b else n] * count), floats(*[0.0] * count), pointers(*c_ptrs),
+        ints(*[n] * count), count, ints(*[1] * count))
 
 
 def packed_size(n: int, k: int) -> int:

@@ -68,8 +68,12 @@ def test_host_layout_groups_slots_by_expert_without_padding():
     from dpmoe.grouped_gemm import plan_host_layout
 
     ids = np.array([[3, 0], [-1, 3], [0, 2], [3, -1]], dtype=np.int32)  # -1: not local
-    layout = plan_host_layout(to_dpnp(ids), 4)
+    layout = plan_host_layout(to_dpnp(ids), 4, 2)
     row_of_slot = layout.row_of_slot.asnumpy()
     assert layout.n_rows == 6
     assert layout.segments == [(0, 0, 2), (2, 2, 1), (3, 3, 3)]
     assert row_of_slot.tolist() == [3, 0, -1, 4, 1, 2, 5, -1]  # stable within an expert
+    assert layout.token_of_row.tolist() == [0, 2, 2, 0, 1, 3]
+    assert layout.token_rows() is None  # experts 0 and 3 have several rows
+    single = plan_host_layout(to_dpnp(np.array([[2, 0]], np.int32)), 4, 2)
+    assert single.token_rows() == [0, 0]  # decode: both experts read token 0 in place

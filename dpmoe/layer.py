@@ -20,6 +20,7 @@ from .arrays import FLOAT_KINDS, HOST_DTYPE, empty, flat, from_device, narrow, t
 from .device import default_queue, dpnp, fallback, is_device_array
 from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, check_expert_options,
                         check_experts, check_memory, run_on_device)
+from .grouped_gemm import host_gemm_kind
 from .routing import SCORINGS, route_on_device
 from .tuning import get_config
 
@@ -227,7 +228,9 @@ class MoELayer:
             return self.reference(x)
         num_tokens = x.shape[0]
         grouped = get_config(self.num_experts, self.intermediate_size, self.kind,
-                             self.queue.sycl_device.name, num_tokens)["path"] == "grouped"
+                             self.queue.sycl_device.name, num_tokens,
+                             host_gemm_kind(self.queue, kind, self.kind) is not None
+                             )["path"] == "grouped"
         check_memory(self.queue, num_tokens, self._experts.shape, self.top_k, grouped,
                      x_bytes=x.size * x.dtype.itemsize, weight_bytes_to_copy=0,
                      widened_bytes=self._experts.derived_bytes(grouped, kind), what="MoELayer")

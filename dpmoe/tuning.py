@@ -6,8 +6,9 @@ A file per (E, N = intermediate size, weight dtype, device name), named by
     {"1": {"path": "per-token"}, "128": {"path": "grouped"}, ...}
 
 :func:`get_config` picks the entry with the nearest token count. Without a file the default
-is the per-token path up to :data:`DEFAULT_PER_TOKEN_MAX_TOKENS` tokens and the grouped path
-above, with one :class:`DefaultConfigWarning` per shape. ``python -m dpmoe.bench --tune``
+is the grouped path when its GEMMs run on oneMKL's host BLAS (CPU devices: it won at every
+token count measured), else the per-token path up to :data:`DEFAULT_PER_TOKEN_MAX_TOKENS`
+tokens and the grouped path above; with one :class:`DefaultConfigWarning` per shape. ``python -m dpmoe.bench --tune``
 measures both paths and writes the files through the same naming function.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 TUNED_DIR = Path(__file__).parent / "tuned"
 # Below this many tokens the per-token GEMVs (weights read in place) beat gathering rows for
-# oneMKL's GEMMs; measured with the benchmark on the CPU device.
+# dpnp.matmul's GEMMs; measured with the benchmark on the CPU device before host GEMMs.
 DEFAULT_PER_TOKEN_MAX_TOKENS = 16
 PATHS = ("per-token", "grouped")
 
@@ -48,12 +49,16 @@ def load_configs(file_name: str, directory: str) -> dict[int, dict] | None:
         return {int(tokens): choice for tokens, choice in json.load(f).items()}
 
 
-def default_config(num_tokens: int) -> dict:
-    return {"path": "per-token" if num_tokens <= DEFAULT_PER_TOKEN_MAX_TOKENS else "grouped"}
+def default_config(num_tokens: int, host_gemm: bool = False) -> dict:
+    per_token = not host_gemm and num_tokens <= DEFAULT_PER_TOKEN_MAX_TOKENS
+    return {"path": "per-token" if per_token else "grouped"}
 
 
-def get_config(num_experts: int, inter: int, dtype: str, device_name: str, num_tokens: int) -> dict:
-    """The choices for a call of ``num_tokens`` tokens: the tuned entry nearest in T."""
+def get_config(num_experts: int, inter: int, dtype: str, device_name: str, num_tokens: int,
+               host_gemm: bool = False) -> dict:
+    """The choices for a call of ``num_tokens`` tokens: the tuned entry nearest in T.
+    ``host_gemm``: whether the grouped GEMMs would run on oneMKL's host BLAS (the default
+    then is the grouped path)."""
     name = config_file_name(num_experts, inter, dtype, device_name)
     configs = load_configs(name, str(TUNED_DIR))
     if not configs:
@@ -63,10 +68,10 @@ def get_config(num_experts: int, inter: int, dtype: str, device_name: str, num_t
             _warned.add(key)
         if first:
             warnings.warn(
-                f"dpmoe: no tuned config {name}; using the default (per-token path up to "
-                f"{DEFAULT_PER_TOKEN_MAX_TOKENS} tokens). Performance might be sub-optimal: "
-                "python -m dpmoe.bench --tune writes one.", DefaultConfigWarning, stacklevel=3)
-        return default_config(num_tokens)
+                f"dpmoe: no tuned config {name}; using the default (see dpmoe.tuning). "
+                "Performance might be sub-optimal: python -m dpmoe.bench --tune writes one.",
+                DefaultConfigWarning, stacklevel=3)
+        return default_config(num_tokens, host_gemm)
     nearest = min(configs, key=lambda t: (abs(t - num_tokens), t))
     return configs[nearest]
 

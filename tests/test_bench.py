@@ -47,3 +47,5 @@ def test_default_config_warns_once_per_shape(monkeypatch, tmp_path):
     with pytest.warns(tuning.DefaultConfigWarning, match="sub-optimal"):
         assert tuning.get_config(3, 7, "float32", "nowhere", 1) == {"path": "per-token"}
     assert tuning.get_config(3, 7, "float32", "nowhere", 500) == {"path": "grouped"}
+    # where the grouped GEMMs run on oneMKL's host BLAS, grouped at any token count
+    assert tuning.get_config(3, 7, "float32", "nowhere", 1, host_gemm=True) == {"path": "grouped"}

@@ -7,11 +7,14 @@ loop and a sorted/grouped loop, the better reported) when torch is installed (``
 "dpmoe[bench]"``). Two limits are measured on the spot: read bandwidth (the best of a dpnp
 and a torch sum over 512 MiB) and dense GEMM throughput (``dpnp.matmul`` of one batch with
 the same FLOPs). Prints a table, writes JSON, and with ``--plot`` a PNG of speed-ups.
+``--test silu|align|routing`` times one stage on its own; ``--test overhead`` the host cost
+of a call (:func:`bench_overhead`; meant for the ``tiny`` config).
 
 Examples::
 
     python -m dpmoe.bench --config mixtral-small --tokens 1 16 --dtype bfloat16
     python -m dpmoe.bench --test silu
+    python -m dpmoe.bench --test overhead --config tiny --tokens 1
 """
 
 from __future__ import annotations
@@ -228,6 +231,32 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     return row
 
 
+def bench_overhead(config: str, dtype: str, num_tokens: int, repeats: int) -> dict:
+    """What a call costs beyond its kernels' work, on a config whose kernels do almost
+    nothing (``tiny``): the forward on device arrays by each path, and a whole ``MoELayer``
+    call with NumPy in and out (upload, router, routing, forward, download) as dpmoe_ms."""
+    from .fused_moe import ExpertWeights, run_on_device
+    from .layer import MoELayer
+
+    queue, _ = default_queue()
+    p = make_problem(config, dtype, num_tokens)
+    hidden, _, experts, top_k = MODEL_CONFIGS[config]
+    repeats = max(repeats, 100)  # microsecond-scale timings: many more samples
+    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, persistent=True)
+    x = to_device(p["x"], queue)
+    routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
+                for w, i in p["routings"]]
+    row = {"test": "overhead", "config": config, "dtype": dtype, "tokens": num_tokens}
+    for name, grouped in (("grouped", True), ("per_token", False)):
+        row[f"{name}_ms"] = 1e3 * median_time(Rotating(
+            lambda w, i: run_on_device(x, dtype, weights, w, i, top_k, False, grouped),
+            routings), repeats)
+    router = np.random.default_rng(1).standard_normal((hidden, experts), dtype=np.float32)
+    layer = MoELayer.from_numpy(router, p["gate"], p["up"], p["down"], top_k=top_k)
+    row["dpmoe_ms"] = 1e3 * median_time(lambda: layer(p["x"]), repeats)
+    return row
+
+
 def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directory: str | None) -> str:
     """Measure both paths at each token count; save the faster through tuning's naming."""
     from .fused_moe import ExpertWeights, run_on_device
@@ -305,6 +334,7 @@ def print_table(rows: list[dict]) -> None:
     if not rows:
         return
     columns = [c for c in ("test", "config", "dtype", "tokens", "dpmoe_ms", "dpmoe_path",
+                           "grouped_ms", "per_token_ms",
                            "torch_ms", "torch_best", "naive_dpnp_ms", "reference_ms", "GFLOPs",
                            "GBps", "roofline_pct", "speedup_vs_torch") if any(c in r for r in rows)]
     table = [columns] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
@@ -335,7 +365,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpmoe.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test", default="moe", choices=["moe", "silu", "align", "routing"])
+    parser.add_argument("--test", default="moe",
+                        choices=["moe", "silu", "align", "routing", "overhead"])
     parser.add_argument("--config", nargs="+", choices=sorted(MODEL_CONFIGS),
                         default=[c for c in sorted(MODEL_CONFIGS) if c != "tiny"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 128, 1024])
@@ -370,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     for config, dtype, tokens in points_iter:
         if args.test == "moe":
             rows.append(bench_moe(config, dtype, tokens, limits, args.repeats))
+        elif args.test == "overhead":
+            rows.append(bench_overhead(config, dtype, tokens, args.repeats))
         else:
             rows.append(bench_kernel(args.test, config, dtype, tokens, args.repeats))
     print(f"device: {about['device']} ({about['filter_string']}); limits: "

@@ -24,7 +24,6 @@ from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmu
                            expert_matmul_host, gather_rows, host_gemm_kind, plan_host_layout,
                            plan_layout)
 from .memory import GIB, check_fits, tokens_per_chunk
-from .pages import upload
 from .reduction import weighted_sum
 
 
@@ -242,7 +241,7 @@ def _run_per_token(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, id
     shared = np.bincount(ids_host[ids_host >= 0], minlength=num_experts).max(initial=0) > 1
     block = PER_TOKEN_BLOCK if shared else 1
     meta, n_pos, n_blocks = plan_blocks(ids_host, num_experts, block)
-    meta = upload(meta, queue)
+    meta = pages.upload(meta, queue)
     slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
     row_of_slot = meta[n_pos + n_blocks:]
     (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()

@@ -9,7 +9,7 @@ from dpmoe import bench
 
 
 @pytest.mark.skipif(not ON_DEVICE, reason="the benchmark needs a SYCL device")
-@pytest.mark.parametrize("test", ["moe", "silu", "align", "routing"])
+@pytest.mark.parametrize("test", ["moe", "silu", "align", "routing", "overhead"])
 def test_bench_runs_and_writes_json(tmp_path, test, capsys):
     out = tmp_path / "rows.json"
     args = ["--test", test, "--config", "tiny", "--tokens", "1", "5", "--dtype", "bfloat16",

@@ -140,6 +140,22 @@ def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b:
     return outs
 
 
+def dense_matmul(a: Any, b: Any) -> Any:
+    """float32 ``a`` [M, K] @ ``b`` [K, N] (device arrays) -> [M, N]: oneMKL's
+    host GEMM on CPU devices (no SYCL launch: a router's [T, H] @ [H, E] took longer to
+    launch through ``dpnp.matmul`` than to compute), else ``dpnp.matmul``."""
+    from . import onemkl_host
+
+    (rows, k_dim), n_dim = a.shape, b.shape[1]
+    contiguous = a.flags.c_contiguous and b.flags.c_contiguous
+    if rows == 0 or not contiguous or not onemkl_host.available(a.sycl_queue):
+        return dpnp.matmul(a, b)
+    out = empty((rows, n_dim), "float32", a.sycl_queue)
+    a.sycl_queue.wait()
+    onemkl_host.gemm_batch(a, [(b, out)], [(0, 0, rows)], n_dim, k_dim)
+    return out
+
+
 def host_gemm_kind(queue: Any, rows_kind: str, weights_kind: str) -> str | None:
     """The kind the grouped GEMMs run in through oneMKL's host GEMM (None: ``dpnp.matmul``):
     float32 for float32 weights (rows are gathered as float32), bfloat16 when rows and

@@ -20,7 +20,7 @@ from .arrays import FLOAT_KINDS, HOST_DTYPE, empty, flat, from_device, narrow, t
 from .device import default_queue, dpnp, fallback, is_device_array
 from .fused_moe import (DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, check_expert_options,
                         check_experts, check_memory, run_on_device)
-from .grouped_gemm import host_gemm_kind
+from .grouped_gemm import dense_matmul, host_gemm_kind
 from .routing import SCORINGS, route_on_device
 from .tuning import get_config
 
@@ -171,7 +171,7 @@ class MoELayer:
         h = self._host
 
         def f32(a: Any) -> Any:
-            return None if a is None else dpnp.asarray(a.astype(np.float32), sycl_queue=queue)
+            return None if a is None else dpnp.asarray(np.ascontiguousarray(a, np.float32), sycl_queue=queue)
 
         self._router, self._router_bias = f32(h["router"]), f32(h["router_bias"])
         self._correction_bias = f32(h["correction_bias"])
@@ -252,7 +252,7 @@ class MoELayer:
         """The shared expert as a one-expert MoE whose routing weight is its gate."""
         num_tokens = x.shape[0]
         if self._shared_gate is not None:
-            weight = 1.0 / (1.0 + dpnp.exp(-dpnp.matmul(x32, self._shared_gate)))
+            weight = 1.0 / (1.0 + dpnp.exp(-dense_matmul(x32, self._shared_gate)))
         else:
             weight = dpnp.ones((num_tokens, 1), dtype=np.float32, sycl_queue=self.queue)
         ids = dpnp.zeros((num_tokens, 1), dtype=np.int32, sycl_queue=self.queue)
@@ -280,7 +280,7 @@ class MoELayer:
     def _route(self, x32: Any) -> tuple[Any, Any]:
         from .kernels.routing import make_grouped_topk_kernel
 
-        logits = dpnp.matmul(x32, self._router)
+        logits = dense_matmul(x32, self._router)
         if self._router_bias is not None:
             logits = logits + self._router_bias
         r = self.routing

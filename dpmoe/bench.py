@@ -78,7 +78,11 @@ def measure_limits(repeats: int) -> dict[str, float]:
               "gemm_GFLOPs": flops / median_time(lambda: dpnp.matmul(a, b).sum(), repeats) / 1e9}
     from . import onemkl_host
 
-    if onemkl_host.available(a.sycl_queue):  # the bf16 GEMM dpmoe uses, on the same shapes
+    if onemkl_host.available(a.sycl_queue):  # the host GEMMs dpmoe uses, on the same shapes
+        c32 = dpnp.empty((8 * 1024, 1024), dtype=np.float32)
+        segments = [(e, e * 1024, 1024) for e in range(8)]
+        limits["gemm_host_GFLOPs"] = flops / median_time(
+            lambda: onemkl_host.gemm_batch(a, [(b, c32)], segments, 1024, 2048), repeats) / 1e9
         a16 = dpnp.zeros((1024, 2048), dtype=np.uint16)
         b16 = dpnp.zeros((8, 2048, 1024), dtype=np.uint16)
         c = dpnp.empty((1024, 1024), dtype=np.float32)
@@ -225,7 +229,10 @@ def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: i
     seconds = row["dpmoe_ms"] / 1e3
     row["GBps"] = touched / seconds / 1e9
     row["GFLOPs"] = flops / seconds / 1e9
-    gemm_limit = limits.get(f"gemm_{'bf16_' if dtype == 'bfloat16' else ''}GFLOPs", limits["gemm_GFLOPs"])
+    # the best dense GEMM the device offers in the weights' dtype (float32: dpnp.matmul or,
+    # on CPU devices, oneMKL's host batch GEMM, whichever was faster just now)
+    gemm_limit = limits.get("gemm_bf16_GFLOPs") if dtype == "bfloat16" else None
+    gemm_limit = gemm_limit or max(limits["gemm_GFLOPs"], limits.get("gemm_host_GFLOPs", 0.0))
     roofline = max(touched / (limits["read_GBps"] * 1e9), flops / (gemm_limit * 1e9))
     row["roofline_pct"] = 100 * roofline / seconds
     return row

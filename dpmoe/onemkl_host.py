@@ -8,9 +8,10 @@ runtime. Two reasons to, measured on the project's machine:
   weights and runs at float32 speed. ``cblas_gemm_bf16bf16f32`` takes bf16 inputs with
   float32 accumulation and output (AMX or AVX512-BF16 where the CPU has them): 610 against
   196 GFLOP/s for ``dpnp.matmul`` in float32.
-- float32 at few rows: kernels run by the OpenCL CPU runtime (``dpnp.matmul``'s oneMKL
-  SYCL GEMM and numba-dpex kernels alike) streamed weights at 10-13 GB/s, ``cblas_sgemm``
-  on the same memory at 22-24 GB/s once it sits on huge pages (:mod:`dpmoe.pages`).
+- float32: kernels run by the OpenCL CPU runtime (``dpnp.matmul``'s oneMKL SYCL GEMM and
+  numba-dpex kernels alike) streamed weights at 10-13 GB/s, ``cblas_sgemm`` on the same
+  memory at 22-24 GB/s once it sits on huge pages (:mod:`dpmoe.pages`); and
+  ``cblas_sgemm_batch`` takes every expert's GEMM in one call, with no launch per expert.
 
 On other devices (GPUs) this module reports itself unavailable and the portable
 ``dpnp.matmul`` path runs; ``DPMOE_NO_HOST_ONEMKL=1`` forces that path on CPUs too.

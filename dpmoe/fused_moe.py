@@ -21,8 +21,8 @@ from .alignment import align_on_device
 from .arrays import as_words, empty, flat, float_kind, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement, returns_numpy
 from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmul,
-                           expert_matmul_host, gather_rows, host_gemm_kind, plan_host_layout,
-                           plan_layout)
+                           expert_matmul_host, gather_rows, host_gemm_kind, intermediate,
+                           plan_host_layout, plan_layout)
 from .memory import GIB, check_fits, tokens_per_chunk
 from .reduction import weighted_sum
 
@@ -165,7 +165,7 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         a_rows = layout.token_rows() if host and x_kind == kind else None
         if a_rows is not None:
             return x, a_rows
-        return gather_rows(x, x_kind, layout, top_k, kind), None
+        return gather_rows(x, x_kind, layout, top_k, kind, into="rows" if host else None), None
 
     def activate(gate, up, out):
         act_kernel(flat(gate), flat(up), flat(out), layout.n_rows, inter, inter, inter, 0,
@@ -177,20 +177,24 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
         packed = experts.packed()
         rows, a_rows = token_rows("bfloat16")
         gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
-                                      packed=packed and packed[:2], a_rows=a_rows)
-        act = empty((layout.n_rows, inter), "bfloat16", queue)
+                                      packed=packed and packed[:2], a_rows=a_rows,
+                                      into=("gate", "up"))
+        act = intermediate("act", (layout.n_rows, inter), "bfloat16", queue)
         activate(gate, up, act)
-        (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:])
+        (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:],
+                                     into=("down",))
     else:
         gate_w, up_w, down_w = experts.float32()
         rows, a_rows = token_rows("float32")
         if host:
-            gate, up = expert_matmul_host(rows, (gate_w, up_w), layout, a_rows=a_rows)
+            gate, up = expert_matmul_host(rows, (gate_w, up_w), layout, a_rows=a_rows,
+                                          into=("gate", "up"))
+            activate(gate, up, gate)
+            (down,) = expert_matmul_host(gate, (down_w,), layout, into=("down",))
         else:
             gate, up = expert_matmul(rows, (gate_w, up_w), layout)
-        activate(gate, up, gate)
-        matmul = expert_matmul_host if host else expert_matmul
-        (down,) = matmul(gate, (down_w,), layout)
+            activate(gate, up, gate)
+            (down,) = expert_matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference, validation
+from . import reference, validation, workspace
 from .alignment import Alignment, align_on_device
 from .arrays import empty, flat, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement
@@ -94,13 +94,19 @@ def plan_host_layout(ids: Any, num_experts: int, top_k: int) -> GroupedLayout:
                          num_experts, order // top_k)
 
 
+def intermediate(name: str | None, shape: tuple[int, ...], kind: str, queue: Any) -> Any:
+    """A new device array, or with a ``name`` the reused :mod:`dpmoe.workspace` buffer."""
+    return workspace.buffer(name, shape, kind, queue) if name else empty(shape, kind, queue)
+
+
 def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
-                rows_kind: str = "float32") -> Any:
-    """Token rows [T, K] (any kind) -> rows [n_rows, K] of ``rows_kind`` in ``layout``."""
+                rows_kind: str = "float32", into: str | None = None) -> Any:
+    """Token rows [T, K] (any kind) -> rows [n_rows, K] of ``rows_kind`` in ``layout``
+    (``into``: the workspace buffer to use, see :func:`intermediate`)."""
     from .kernels.gather import make_gather_rows_kernel
 
     n_slots, row_len = layout.row_of_slot.shape[0], src.shape[-1]
-    rows = empty((layout.n_rows, row_len), rows_kind, src.sycl_queue)
+    rows = intermediate(into, (layout.n_rows, row_len), rows_kind, src.sycl_queue)
     make_gather_rows_kernel(src_kind, rows_kind)(
         flat(src), layout.row_of_slot, flat(rows), n_slots, row_len, top_k
     )
@@ -108,7 +114,8 @@ def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
 
 
 def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b: bool = False,
-                       packed: tuple | None = None, a_rows: list | None = None) -> list:
+                       packed: tuple | None = None, a_rows: list | None = None,
+                       into: tuple | None = None) -> list:
     """Rows [n_rows, K] times each of ``stacks`` ([E, K, N] weights, [E, N, K] with
     ``trans_b``), rows and weights both float32 or both bf16 bits, through oneMKL's host
     GEMMs in place (CPU devices; per-expert layout) -> one float32 [n_rows, N] per stack.
@@ -117,12 +124,14 @@ def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b:
     experts with two or more rows: a single row is a GEMV, which reads the bf16 weights
     faster in place than 2.4x their bytes packed). ``a_rows``: per segment, the row of
     ``rows`` it starts at, when not the layout's (see :meth:`GroupedLayout.token_rows`).
+    ``into``: per stack, the workspace buffer for its product (see :func:`intermediate`).
     """
     from . import onemkl_host
 
     k_dim = rows.shape[1]
     n_dim = stacks[0].shape[1] if trans_b else stacks[0].shape[2]
-    outs = [empty((layout.n_rows, n_dim), "float32", rows.sycl_queue) for _ in stacks]
+    outs = [intermediate(name, (layout.n_rows, n_dim), "float32", rows.sycl_queue)
+            for name in (into or (None,) * len(stacks))]
     rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
     if rows.dtype == np.float32:
         onemkl_host.gemm_batch(rows, list(zip(stacks, outs)), layout.segments, n_dim, k_dim,

@@ -145,3 +145,33 @@ def moe_align_block_size(
     for buf, value in zip(buffers.values(), result):
         buf[...] = value if is_device_array(buf) else to_host(value)
     return None
+
+
+def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarray, int, int]:
+    """Group slots by expert into blocks of ``block`` positions, on the host.
+
+    Returns one int32 array ``[slot_of_pos (n_pos) | block_expert (n_blocks) |
+    row_of_slot (n_slots)]`` (one upload instead of three), ``n_pos`` and ``n_blocks``.
+    Empty positions hold the sentinel ``n_slots``. The per-token path and the host-GEMM
+    layouts (``block`` 1) group on the host; everything else uses the alignment kernels.
+    """
+    flat = ids.reshape(-1)
+    n_slots = flat.size
+    local = flat >= 0  # ids < 0: experts on another device, given no position
+    counts = np.bincount(flat[local], minlength=num_experts)
+    blocks = -(-counts // block)
+    n_blocks = int(blocks.sum())
+    n_pos = n_blocks * block
+    first_pos = np.concatenate(([0], np.cumsum(blocks)[:-1])) * block
+    first_sorted = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    # local slots by expert, ascending inside each (non-local ones sort first: dropped)
+    order = np.argsort(flat, kind="stable")[n_slots - int(local.sum()):]
+    experts_sorted = flat[order]
+    pos = first_pos[experts_sorted] + (np.arange(order.size) - first_sorted[experts_sorted])
+    meta = np.empty(n_pos + n_blocks + n_slots, dtype=np.int32)
+    meta[:n_pos] = n_slots
+    meta[pos] = order
+    meta[n_pos:n_pos + n_blocks] = np.repeat(np.arange(num_experts), blocks)
+    meta[n_pos + n_blocks:] = -1
+    meta[n_pos + n_blocks + order] = pos
+    return meta, n_pos, n_blocks

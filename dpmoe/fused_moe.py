@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import pages, reference, validation
-from .alignment import align_on_device
+from .alignment import align_on_device, plan_blocks
 from .arrays import as_words, empty, flat, float_kind, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement, returns_numpy
 from .grouped_gemm import (DEFAULT_BLOCK_SIZE, STACK_PADDING_LIMIT, expert_matmul,
@@ -197,35 +197,6 @@ def _run_grouped(x: Any, x_kind: str, experts: ExpertWeights, weights: Any, ids:
             (down,) = expert_matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
-
-
-def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarray, int, int]:
-    """Group slots by expert into blocks of ``block`` positions, on the host.
-
-    Returns one int32 array ``[slot_of_pos (n_pos) | block_expert (n_blocks) |
-    row_of_slot (n_slots)]`` (one upload instead of three), ``n_pos`` and ``n_blocks``.
-    Empty positions hold the sentinel ``n_slots``. Only for few tokens: it runs on the host.
-    """
-    flat = ids.reshape(-1)
-    n_slots = flat.size
-    local = flat >= 0  # ids < 0: experts on another device, given no position
-    counts = np.bincount(flat[local], minlength=num_experts)
-    blocks = -(-counts // block)
-    n_blocks = int(blocks.sum())
-    n_pos = n_blocks * block
-    first_pos = np.concatenate(([0], np.cumsum(blocks)[:-1])) * block
-    first_sorted = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    # local slots by expert, ascending inside each (non-local ones sort first: dropped)
-    order = np.argsort(flat, kind="stable")[n_slots - int(local.sum()):]
-    experts_sorted = flat[order]
-    pos = first_pos[experts_sorted] + (np.arange(order.size) - first_sorted[experts_sorted])
-    meta = np.empty(n_pos + n_blocks + n_slots, dtype=np.int32)
-    meta[:n_pos] = n_slots
-    meta[pos] = order
-    meta[n_pos:n_pos + n_blocks] = np.repeat(np.arange(num_experts), blocks)
-    meta[n_pos + n_blocks:] = -1
-    meta[n_pos + n_blocks + order] = pos
-    return meta, n_pos, n_blocks
 
 
 # Slots per block on the per-token path: an expert's weights are read once per block. When

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, validation, workspace
-from .alignment import Alignment, align_on_device
+from .alignment import Alignment, align_on_device, plan_blocks
 from .arrays import empty, flat, from_device, ids_to_device, to_device, to_host, weights_to_device, widen
 from .device import dpnp, is_device_array, placement
 from .pages import upload
@@ -82,16 +82,13 @@ def plan_host_layout(ids: Any, num_experts: int, top_k: int) -> GroupedLayout:
     """
     from .onemkl_host import host_copy
 
-    host_ids = host_copy(flat(ids))
-    local = host_ids >= 0  # ids < 0: experts on another device, given no row
-    counts = np.bincount(host_ids[local], minlength=num_experts)
-    order = np.argsort(host_ids, kind="stable")[host_ids.size - int(local.sum()):]  # by expert
-    row_of_slot = np.full(host_ids.size, -1, dtype=np.int32)
-    row_of_slot[order] = np.arange(order.size, dtype=np.int32)
+    meta, n_rows, _ = plan_blocks(host_copy(flat(ids)), num_experts, 1)
+    slot_of_row, expert_of_row = meta[:n_rows], meta[n_rows:2 * n_rows]
+    counts = np.bincount(expert_of_row, minlength=num_experts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     segments = [(int(e), int(starts[e]), int(counts[e])) for e in np.flatnonzero(counts)]
-    return GroupedLayout(upload(row_of_slot, ids.sycl_queue), int(order.size), 0, segments,
-                         num_experts, order // top_k)
+    return GroupedLayout(upload(meta[2 * n_rows:], ids.sycl_queue), n_rows, 0, segments,
+                         num_experts, slot_of_row // top_k)
 
 
 def intermediate(name: str | None, shape: tuple[int, ...], kind: str, queue: Any) -> Any:

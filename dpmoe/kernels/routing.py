@@ -17,10 +17,35 @@ from .launch import call
 from .numerics import loader
 
 
+@dpex.device_func
+def follows(value, index, prev_value, prev_index):
+    """Whether a candidate comes strictly after the previous pick in the selection order."""
+    return value < prev_value or (value == prev_value and index > prev_index)
+
+
+@lru_cache(maxsize=None)
+def _softmax_stats(logits_kind: str):
+    load = loader(logits_kind)
+
+    @dpex.device_func
+    def softmax_stats(logits, base, num_experts):
+        """(max, sum of exp(logit - max)) over one token's logits."""
+        largest = load(logits, base)
+        for e in range(1, num_experts):
+            largest = max(largest, load(logits, base + e))
+        total = np.float32(0.0)
+        for e in range(num_experts):
+            total += math.exp(load(logits, base + e) - largest)
+        return largest, total
+
+    return softmax_stats
+
+
 @lru_cache(maxsize=None)
 def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
     """Softmax over all experts then top-k, or (``after_topk``) top-k logits then softmax."""
     load = loader(logits_kind)
+    softmax_stats = _softmax_stats(logits_kind)
 
     @dpex.kernel
     def topk_softmax_kernel(
@@ -34,12 +59,7 @@ def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
     ):
         t = item.get_id(0)
         base = t * num_experts
-        largest = load(logits, base)
-        for e in range(1, num_experts):
-            largest = max(largest, load(logits, base + e))
-        total = np.float32(0.0)
-        for e in range(num_experts):
-            total += math.exp(load(logits, base + e) - largest)
+        largest, total = softmax_stats(logits, base, num_experts)
         prev_value = np.float32(np.inf)
         prev_index = -1
         picked_sum = np.float32(0.0)
@@ -48,8 +68,7 @@ def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
             best_index = -1
             for e in range(num_experts):
                 v = load(logits, base + e)
-                after_prev = v < prev_value or (v == prev_value and e > prev_index)
-                if after_prev and (best_index < 0 or v > best_value):
+                if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
                     best_value = v
                     best_index = e
             w = math.exp(best_value - largest) / total
@@ -83,6 +102,7 @@ def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
 def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool):
     """Grouped top-k (DeepSeek): best groups first, then the best experts inside them."""
     load = loader(logits_kind)
+    softmax_stats = _softmax_stats(logits_kind)
 
     @dpex.device_func
     def score(v, largest, total):
@@ -111,12 +131,7 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
         largest = np.float32(0.0)
         total = np.float32(1.0)
         if not use_sigmoid:
-            largest = load(logits, base)
-            for e in range(1, num_experts):
-                largest = max(largest, load(logits, base + e))
-            total = np.float32(0.0)
-            for e in range(num_experts):
-                total += math.exp(load(logits, base + e) - largest)
+            largest, total = softmax_stats(logits, base, num_experts)
         # groups: best-score (or best-two biased sum) order; kept ones as a bit mask
         kept = 0
         prev_value = np.float32(np.inf)
@@ -137,8 +152,8 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
                     elif v > second:
                         second = v
                 value = first + second if has_bias else first
-                after_prev = value < prev_value or (value == prev_value and g > prev_index)
-                if after_prev and (best_index < 0 or value > best_value):
+                better = best_index < 0 or value > best_value
+                if follows(value, g, prev_value, prev_index) and better:
                     best_value = value
                     best_index = g
             kept |= 1 << best_index
@@ -155,8 +170,7 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
                     v = score(load(logits, base + e), largest, total)
                     if has_bias:
                         v += bias[e]
-                    after_prev = v < prev_value or (v == prev_value and e > prev_index)
-                    if after_prev and (best_index < 0 or v > best_value):
+                    if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
                         best_value = v
                         best_index = e
             w = score(load(logits, base + best_index), largest, total)

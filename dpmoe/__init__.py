@@ -13,7 +13,7 @@ from .activation import (act_and_mul, gelu_and_mul, gelu_tanh_and_mul, silu_and_
 from .alignment import moe_align_block_size
 from .device import FallbackError, info
 from . import layouts, models, reference
-from .fused_moe import fused_experts, fused_moe_forward
+from .fused_moe import explain, fused_experts, fused_moe_forward
 from .grouped_gemm import grouped_gemm_moe
 from .layer import MoELayer
 from .reduction import moe_sum
@@ -28,6 +28,7 @@ __all__ = [
     "gelu_tanh_and_mul",
     "swigluoai_and_mul",
     "MoELayer",
+    "explain",
     "fused_experts",
     "fused_moe_forward",
     "layouts",

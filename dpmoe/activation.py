@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from . import reference, validation
-from .arrays import empty, flat, from_device, to_device, to_host
-from .device import is_device_array, placement, returns_numpy
+from ._dispatch import call, host, write_back
+from .arrays import empty, flat, to_device
+from .device import is_device_array
+from .validation import ACTIVATIONS
+
+__all__ = ["ACTIVATIONS", "act_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu_and_mul",
+           "silu_and_mul_moe", "swigluoai_and_mul"]
 
 
 def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) -> None:
@@ -25,32 +28,31 @@ def silu_and_mul_moe(gate_output: Any, up_output: Any, *, device: Any = None) ->
     validation.shape("up_output", up_output, tuple(gate_output.shape), "gate_output's shape")
     if gate_output.ndim == 0:
         raise ValueError("gate_output must have at least one dimension [..., I]")
-    if isinstance(gate_output, np.ndarray) and not gate_output.flags.writeable:
-        raise ValueError("gate_output is read-only; silu_and_mul_moe writes it in place")
-    arrays = {"gate_output": gate_output, "up_output": up_output}
-    queue = placement(arrays, {gate_kind, up_kind}, device)
-    if queue is None:
-        reference.silu_and_mul_moe(gate_output, to_host(up_output))
-        return
-    if gate_output.size == 0:
-        return
-    from .kernels.activation import make_silu_and_mul_kernel
-
-    d = gate_output.shape[-1]
-    gate = to_device(gate_output, queue)
+    validation.writable("gate_output", gate_output, "silu_and_mul_moe writes it in place")
     # a contiguous dpnp gate_output is its own storage: the kernel writes straight into it
     in_place = is_device_array(gate_output) and gate_output.flags.c_contiguous
-    result = gate if in_place else empty(gate.shape, gate_kind, queue)
-    make_silu_and_mul_kernel(gate_kind, up_kind, gate_kind)(
-        flat(gate), flat(to_device(up_output, queue)), flat(result),
-        gate_output.size // d, d, d, d, 0,
-    )
-    if not in_place:
-        back = from_device(result, gate_kind, returns_numpy({"gate_output": gate_output}))
-        gate_output[...] = back
 
+    def on_reference() -> None:
+        result = host(gate_output).copy()
+        reference.silu_and_mul_moe(result, host(up_output))
+        return result
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
+    def on_device(queue: Any) -> Any:
+        gate = to_device(gate_output, queue)
+        result = gate if in_place else empty(gate.shape, gate_kind, queue)
+        if gate_output.size:
+            from .kernels.activation import make_silu_and_mul_kernel
+
+            d = gate_output.shape[-1]
+            make_silu_and_mul_kernel(gate_kind, up_kind, gate_kind)(
+                flat(gate), flat(to_device(up_output, queue)), flat(result),
+                gate_output.size // d, d, d, d, 0)
+        return None if in_place else result
+
+    result = call({"gate_output": gate_output, "up_output": up_output}, {gate_kind, up_kind},
+                  device, on_reference, on_device, gate_kind)
+    if result is not None:
+        write_back(gate_output, result)
 
 
 def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: float = 1.702,
@@ -67,14 +69,13 @@ def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: flo
         x: [..., 2d] float32/float16/bfloat16.
         activation: one of ``ACTIVATIONS``.
         out: optional [..., d] array of x's dtype to write into (same kind of array as x).
-        alpha, limit: swigluoai's constants.
+        alpha, limit: swigluoai's constants (finite in float32).
         device: where NumPy inputs run.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, value in (("alpha", alpha), ("limit", limit)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    alpha = validation.finite_number("alpha", alpha)
+    limit = validation.finite_number("limit", limit)
     kind = validation.float_array("x", x)
     if x.ndim == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension [..., 2d], got shape {tuple(x.shape)}")
@@ -82,26 +83,24 @@ def act_and_mul(x: Any, activation: str = "silu", out: Any = None, *, alpha: flo
     out_shape = tuple(x.shape[:-1]) + (d,)
     if out is not None:
         validation.output("out", out, out_shape, "[..., d]", kind, not is_device_array(x))
-    arrays = {"x": x} if out is None else {"x": x, "out": out}
-    queue = placement(arrays, {kind}, device)
-    if queue is None:
-        result = reference.act_and_mul(to_host(x), activation, alpha, limit)
-    else:
-        from .kernels.activation import make_silu_and_mul_kernel
 
+    def on_device(queue: Any) -> Any:
         src = to_device(x, queue)
         dst = empty(out_shape, kind, queue)
         if dst.size:
+            from .kernels.activation import make_silu_and_mul_kernel
+
             interleaved = activation == "swigluoai"
             make_silu_and_mul_kernel(kind, kind, kind, activation, None, 2 if interleaved else 1)(
                 flat(src), flat(src), flat(dst), dst.size // d, d, 2 * d, 2 * d,
                 1 if interleaved else d, alpha, limit,
             )
-        result = from_device(dst, kind, returns_numpy({"x": x}))
-    if out is None:
-        return result
-    out[...] = result
-    return out
+        return dst
+
+    result = call({"x": x, "out": out}, {kind}, device,
+                  lambda: reference.act_and_mul(host(x), activation, alpha, limit),
+                  on_device, kind)
+    return result if out is None else write_back(out, result)
 
 
 def silu_and_mul(x: Any, out: Any = None, *, device: Any = None) -> Any:

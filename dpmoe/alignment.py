@@ -14,57 +14,18 @@ its slots are in ascending order; padding holds the sentinel ``T*k``. Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import reference, validation
-from .arrays import ids_to_device, to_host
-from .device import dpnp, is_device_array, placement, returns_numpy
+from . import memory, reference, validation
+from ._dispatch import call, host, write_back
+from ._engine.convert import ids_to_device
+from ._engine.metadata import align_on_device, aligned_sizes, local_ids
+from .device import is_device_array
 
-
-def aligned_sizes(n_slots: int, num_experts: int, block_size: int) -> tuple[int, int]:
-    """(length of sorted_token_ids, number of blocks) for the worst-case padding."""
-    capacity = n_slots + num_experts * (block_size - 1)
-    return capacity, -(-capacity // block_size)
-
-
-@dataclass
-class Alignment:
-    """Device arrays describing where every routing slot goes."""
-
-    sorted_token_ids: Any  # (capacity) int32 slot ids by expert, sentinel n_slots in padding
-    experts_ids: Any  # (n_blocks) int32 owner of each block, -1 when unused
-    num_tokens_post_pad: Any  # (1) int32 padded total
-    row_of_slot: Any  # (n_slots) int32 padded position of each slot
-    ranks: Any  # (n_slots) int32 position of each slot among its expert's slots
-    counts: Any  # (E) int32 slots per expert
-    starts: Any  # (E) int32 first padded position of each expert
-
-
-def align_on_device(ids: Any, num_experts: int, block_size: int, out: tuple | None = None) -> Alignment:
-    """Align flat int32 device ``ids`` (already range-checked); ``out`` are user buffers."""
-    from .kernels.alignment import align_slots
-
-    queue = ids.sycl_queue
-    n_slots = ids.shape[0]
-    capacity, n_blocks = aligned_sizes(n_slots, num_experts, block_size)
-    if out is None:
-        sorted_ids = dpnp.full(capacity, n_slots, dtype=np.int32, sycl_queue=queue)
-        experts_ids = dpnp.empty(n_blocks, dtype=np.int32, sycl_queue=queue)
-        post_pad = dpnp.empty(1, dtype=np.int32, sycl_queue=queue)
-    else:
-        sorted_ids, experts_ids, post_pad = out
-        sorted_ids.fill(n_slots)
-    counts = dpnp.empty(num_experts, dtype=np.int32, sycl_queue=queue)
-    starts = dpnp.empty(num_experts, dtype=np.int32, sycl_queue=queue)
-    ranks = dpnp.empty(max(n_slots, 1), dtype=np.int32, sycl_queue=queue)
-    row_of_slot = dpnp.empty(max(n_slots, 1), dtype=np.int32, sycl_queue=queue)
-    align_slots(ids, counts, ranks, starts, sorted_ids, experts_ids, post_pad, row_of_slot,
-                num_experts, block_size)
-    return Alignment(sorted_ids, experts_ids, post_pad, row_of_slot[:n_slots], ranks[:n_slots],
-                     counts, starts)
+# int32 sizes: sorted_token_ids must be indexable by the kernels' int32 positions.
+MAX_CAPACITY = 2**31 - 1
 
 
 def _check_buffer(name: str, buf: Any, length: int) -> None:
@@ -72,8 +33,7 @@ def _check_buffer(name: str, buf: Any, length: int) -> None:
     if buf.dtype != np.int32:
         raise TypeError(f"{name} must have dtype int32, got {buf.dtype}")
     validation.shape(name, buf, (length,), "needed length")
-    if isinstance(buf, np.ndarray) and not buf.flags.writeable:
-        raise ValueError(f"{name} is read-only; it is an output buffer")
+    validation.writable(name, buf, "it is an output buffer")
     if is_device_array(buf) and not buf.flags.c_contiguous:
         raise ValueError(f"{name} must be contiguous to be filled in place")
 
@@ -94,7 +54,7 @@ def moe_align_block_size(
     Args:
         topk_ids: [T, k] int32/int64 expert ids in ``[0, num_experts)``.
         num_experts: E >= 1.
-        block_size: rows per block, >= 1.
+        block_size: rows per block, >= 1, with ``T*k + E*(block_size-1)`` < 2**31.
         sorted_token_ids, experts_ids, num_tokens_post_pad: optional int32 output buffers of
             lengths ``T*k + E*(block_size-1)``, ``ceil(that / block_size)`` and 1; give all
             three (filled in place, returns None) or none (the arrays are returned).
@@ -110,68 +70,42 @@ def moe_align_block_size(
     num_experts = validation.positive_int("num_experts", num_experts)
     block_size = validation.positive_int("block_size", block_size)
     validation.array("topk_ids", topk_ids, 2)
-    from .fused_moe import check_expert_map, local_ids
-
-    global_experts = check_expert_map(expert_map, num_experts)
-    extra = {} if expert_map is None else {"expert_map": expert_map}
+    global_experts = validation.expert_map(expert_map, num_experts)
     validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape), global_experts)
+    capacity, n_blocks = aligned_sizes(topk_ids.size, num_experts, block_size)
+    if capacity > MAX_CAPACITY:
+        raise ValueError(f"block_size must keep T*k + E*(block_size-1) below 2**31, got "
+                         f"block_size={block_size} (with E={num_experts}: {capacity})")
     buffers = {"sorted_token_ids": sorted_token_ids, "experts_ids": experts_ids,
                "num_tokens_post_pad": num_tokens_post_pad}
     given = [b is not None for b in buffers.values()]
     if any(given) and not all(given):
         raise ValueError("sorted_token_ids, experts_ids and num_tokens_post_pad must be given "
                          "together (all three output buffers) or not at all")
-    capacity, n_blocks = aligned_sizes(topk_ids.size, num_experts, block_size)
     if all(given):
         for (name, buf), length in zip(buffers.items(), (capacity, n_blocks, 1)):
             _check_buffer(name, buf, length)
-    arrays = {"topk_ids": topk_ids, **extra, **{k: v for k, v in buffers.items() if v is not None}}
-    queue = placement(arrays, set(), device)
-    topk_ids = local_ids(topk_ids, expert_map)
-    if queue is None:
-        result = reference.moe_align_block_size(to_host(topk_ids), num_experts, block_size)
-    else:
-        device_out = None
-        if all(given) and all(is_device_array(b) for b in buffers.values()):
-            device_out = tuple(buffers.values())
-        aligned = align_on_device(ids_to_device(topk_ids, queue), num_experts, block_size, device_out)
-        if device_out is not None:
+    arrays = {"topk_ids": topk_ids, "expert_map": expert_map, **buffers}
+
+    def on_device(queue: Any) -> tuple[Any, Any, Any] | None:
+        need = 4 * (capacity + n_blocks + 1 + 2 * num_experts + 3 * topk_ids.size)
+        memory.check_fits(queue, need, "moe_align_block_size",
+                          f"int32 alignment arrays {need / memory.GIB:.2f} GiB")
+        ids = ids_to_device(local_ids(topk_ids, expert_map), queue)
+        in_place = all(given) and all(is_device_array(b) for b in buffers.values())
+        aligned = align_on_device(ids, num_experts, block_size,
+                                  tuple(buffers.values()) if in_place else None)
+        if in_place:
             return None
-        result = (aligned.sorted_token_ids, aligned.experts_ids, aligned.num_tokens_post_pad)
-        if returns_numpy(arrays):
-            result = tuple(dpnp.asnumpy(r) for r in result)
-    if not all(given):
+        return aligned.sorted_token_ids, aligned.experts_ids, aligned.num_tokens_post_pad
+
+    def on_reference() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return reference.moe_align_block_size(host(local_ids(topk_ids, expert_map)),
+                                              num_experts, block_size)
+
+    result = call(arrays, set(), device, on_reference, on_device, ("int32",) * 3)
+    if not all(given) or result is None:
         return result
     for buf, value in zip(buffers.values(), result):
-        buf[...] = value if is_device_array(buf) else to_host(value)
+        write_back(buf, value)
     return None
-
-
-def plan_blocks(ids: np.ndarray, num_experts: int, block: int) -> tuple[np.ndarray, int, int]:
-    """Group slots by expert into blocks of ``block`` positions, on the host.
-
-    Returns one int32 array ``[slot_of_pos (n_pos) | block_expert (n_blocks) |
-    row_of_slot (n_slots)]`` (one upload instead of three), ``n_pos`` and ``n_blocks``.
-    Empty positions hold the sentinel ``n_slots``. The per-token path and the host-GEMM
-    layouts (``block`` 1) group on the host; everything else uses the alignment kernels.
-    """
-    flat = ids.reshape(-1)
-    n_slots = flat.size
-    local = flat >= 0  # ids < 0: experts on another device, given no position
-    counts = np.bincount(flat[local], minlength=num_experts)
-    blocks = -(-counts // block)
-    n_blocks = int(blocks.sum())
-    n_pos = n_blocks * block
-    first_pos = np.concatenate(([0], np.cumsum(blocks)[:-1])) * block
-    first_sorted = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    # local slots by expert, ascending inside each (non-local ones sort first: dropped)
-    order = np.argsort(flat, kind="stable")[n_slots - int(local.sum()):]
-    experts_sorted = flat[order]
-    pos = first_pos[experts_sorted] + (np.arange(order.size) - first_sorted[experts_sorted])
-    meta = np.empty(n_pos + n_blocks + n_slots, dtype=np.int32)
-    meta[:n_pos] = n_slots
-    meta[pos] = order
-    meta[n_pos:n_pos + n_blocks] = np.repeat(np.arange(num_experts), blocks)
-    meta[n_pos + n_blocks:] = -1
-    meta[n_pos + n_blocks + order] = pos
-    return meta, n_pos, n_blocks

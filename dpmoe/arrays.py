@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from .device import dpnp, is_device_array
+from .memory import note_allocation
 from .pages import upload
 
 FLOAT_KINDS = ("float32", "float16", "bfloat16")
@@ -39,7 +40,7 @@ def float_kind(name: str, a: Any) -> str:
 # such calls); building the dpctl array directly and wrapping it costs 2-10 us.
 
 
-def _view(d: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
+def view(d: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
     """A C-contiguous device array ``d`` seen with another shape/dtype (no copy)."""
     import dpctl.tensor as dpt
 
@@ -50,14 +51,14 @@ def _view(d: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
 
 def _reinterpret(d: Any, dtype: Any) -> Any:
     """The same device memory seen as another 2-byte dtype (no copy)."""
-    return _view(d, tuple(d.shape), dtype, d.get_array()._element_offset)
+    return view(d, tuple(d.shape), dtype, d.get_array()._element_offset)
 
 
 def flat(d: Any) -> Any:
     """A device array as 1-D: a view of C-contiguous arrays, else a copy."""
     if not d.flags.c_contiguous:
         return d.reshape(-1)
-    return _view(d, (d.size,), d.dtype, d.get_array()._element_offset)
+    return view(d, (d.size,), d.dtype, d.get_array()._element_offset)
 
 
 def to_device(a: Any, queue: Any) -> Any:
@@ -72,10 +73,11 @@ def to_device(a: Any, queue: Any) -> Any:
 
 
 def from_device(d: Any, kind: str, as_numpy: bool) -> Any:
-    """Back from storage form: a NumPy array of ``kind``, or a dpnp array (bf16 stays bits)."""
+    """Back from storage form: a NumPy array of ``kind`` (a float kind, or "int32"), or a
+    dpnp array (bf16 stays bits)."""
     if as_numpy:
         h = dpnp.asnumpy(d)
-        return h.view(HOST_DTYPE[kind]) if kind != "float32" else h
+        return h.view(HOST_DTYPE[kind]) if kind in ("float16", "bfloat16") else h
     return _reinterpret(d, np.float16) if kind == "float16" else d
 
 
@@ -93,52 +95,9 @@ def empty(shape: tuple[int, ...], kind: str, queue: Any) -> Any:
     """An uninitialised device array in storage form (``kind`` may also be "int32")."""
     import dpctl.tensor as dpt
 
-    dtype = {"float32": np.float32, "int32": np.int32}.get(kind, np.uint16)
+    dtype = np.dtype({"float32": np.float32, "int32": np.int32}.get(kind, np.uint16))
+    note_allocation(int(np.prod(shape)) * dtype.itemsize)
     return dpnp.ndarray._create_from_usm_ndarray(dpt.empty(shape, dtype=dtype, sycl_queue=queue))
-
-
-def ids_to_device(a: Any, queue: Any) -> Any:
-    """Expert ids as a flat int32 dpnp array on ``queue`` (ids were range-checked)."""
-    if is_device_array(a):
-        if a.dtype == np.int32 and a.flags.c_contiguous:  # dpnp's no-op copies cost ~30 us
-            return flat(a)
-        return flat(dpnp.ascontiguousarray(a.astype(np.int32, copy=False)))
-    return upload(np.ascontiguousarray(a, dtype=np.int32).reshape(-1), queue)
-
-
-def weights_to_device(a: Any, queue: Any) -> Any:
-    """Routing weights as a flat float32 dpnp array on ``queue``."""
-    if not is_device_array(a):
-        return upload(np.ascontiguousarray(a, dtype=np.float32).reshape(-1), queue)
-    if a.dtype == np.uint16:  # bfloat16 bits
-        return widen(flat(to_device(a, queue)), "bfloat16")
-    if a.dtype == np.float32 and a.flags.c_contiguous:
-        return flat(a)
-    return flat(dpnp.ascontiguousarray(a.astype(np.float32, copy=False)))
-
-
-def widen(d: Any, kind: str) -> Any:
-    """A float32 copy of a device array in storage form (the array itself when float32)."""
-    if kind == "float32":
-        return d
-    from .kernels.gather import make_convert_kernel
-
-    out = empty(tuple(d.shape), "float32", d.sycl_queue)
-    if d.size:
-        make_convert_kernel(kind, "float32")(flat(d), flat(out))
-    return out
-
-
-def narrow(d: Any, kind: str) -> Any:
-    """A float32 device array rounded to storage form of ``kind`` (itself when float32)."""
-    if kind == "float32":
-        return d
-    from .kernels.gather import make_convert_kernel
-
-    out = empty(tuple(d.shape), kind, d.sycl_queue)
-    if d.size:
-        make_convert_kernel("float32", kind)(flat(d), flat(out))
-    return out
 
 
 def as_words(d: Any) -> Any:
@@ -146,4 +105,4 @@ def as_words(d: Any) -> Any:
     offset = d.get_array()._element_offset
     if d.size % 2 or offset % 2 or not d.flags.c_contiguous:
         return None
-    return _view(d, (d.size // 2,), np.uint32, offset // 2)
+    return view(d, (d.size // 2,), np.uint32, offset // 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import threading
 import warnings
 from typing import Any
@@ -46,10 +47,22 @@ def is_device_array(a: Any) -> bool:
     return dpnp is not None and isinstance(a, dpnp.ndarray)
 
 
+# dpctl's filter strings: backend[:type][:n], type[:n] or n. dpctl reads an empty part as
+# "any", so a typo such as ":::" would silently select the default device.
+_FILTER = re.compile(r"^[A-Za-z_*]+(:[A-Za-z_*]+)?(:\d+)?$|^\d+$")
+
+
 def _device_spec(device: Any) -> Any:
     if device is not None:
+        if isinstance(device, str) and not _FILTER.match(device.strip()):
+            raise ValueError(f"device must be a dpctl filter string such as 'opencl:cpu' or "
+                             f"'level_zero:gpu:0', got {device!r}")
         return device
-    return os.environ.get("DPMOE_DEVICE") or None
+    spec = os.environ.get("DPMOE_DEVICE", "").strip()
+    if spec and not _FILTER.match(spec):
+        raise ValueError(f"DPMOE_DEVICE must be a dpctl filter string such as 'opencl:cpu' or "
+                         f"'level_zero:gpu:0', got {spec!r}")
+    return spec or None
 
 
 def _queue_for(spec: Any) -> Any:

@@ -9,7 +9,9 @@ float32 intermediates stay under :data:`MAX_INTERMEDIATE_BYTES`.
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 # Bound on the float32 intermediates (gathered rows, gate/up/activation, down outputs) of
 # one chunk of tokens; well under the 4 GiB single-allocation cliff. Override with the
@@ -19,8 +21,38 @@ GIB = float(1 << 30)
 
 
 def intermediate_budget() -> int:
-    value = os.environ.get("DPMOE_MAX_INTERMEDIATE_BYTES")
-    return int(value) if value else MAX_INTERMEDIATE_BYTES
+    """The chunk budget in bytes: ``DPMOE_MAX_INTERMEDIATE_BYTES`` when set, else 1 GiB."""
+    value = os.environ.get("DPMOE_MAX_INTERMEDIATE_BYTES", "").strip()
+    if not value:
+        return MAX_INTERMEDIATE_BYTES
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError("DPMOE_MAX_INTERMEDIATE_BYTES must be a positive whole number of "
+                         f"bytes (e.g. 268435456), got {value!r}")
+    return int(value)
+
+
+_tracking = threading.local()
+
+
+@contextmanager
+def track_allocations() -> Iterator[list[int]]:
+    """Collects the size in bytes of every device allocation dpmoe makes in this thread
+    while the block runs (all of them go through :func:`dpmoe.arrays.empty` or
+    :func:`dpmoe.pages.upload`); the tests hold calls to their memory estimate with it."""
+    outer = getattr(_tracking, "log", None)
+    _tracking.log = log = []
+    try:
+        yield log
+    finally:
+        _tracking.log = outer
+        if outer is not None:
+            outer.extend(log)
+
+
+def note_allocation(nbytes: int) -> None:
+    log = getattr(_tracking, "log", None)
+    if log is not None:
+        log.append(int(nbytes))
 
 
 def _host_available() -> int | None:
@@ -52,17 +84,18 @@ def device_memory(queue: Any) -> tuple[int, int | None]:
 
 
 def check_fits(queue: Any, need: int, what: str, breakdown: str) -> None:
-    """Raise MemoryError before allocating when ``need`` bytes cannot fit on the device."""
-    total, free = device_memory(queue)
+    """Raise MemoryError before allocating when ``need`` bytes cannot fit on the device
+    (``queue`` None: in the host's memory)."""
+    if queue is None:
+        free = _host_available()
+        total, where = free, "the host"
+    else:
+        total, free = device_memory(queue)
+        where = queue.sycl_device.name
     limit = free if free is not None else total
-    if need > limit:
+    if limit is not None and need > limit:
         free_text = f", {free / GIB:.2f} GiB free" if free is not None else ""
         raise MemoryError(
-            f"{what} needs about {need / GIB:.2f} GiB on {queue.sycl_device.name} "
+            f"{what} needs about {need / GIB:.2f} GiB on {where} "
             f"({breakdown}); the device has {total / GIB:.2f} GiB of global memory{free_text}"
         )
-
-
-def tokens_per_chunk(bytes_per_token: int) -> int:
-    """How many tokens one chunk may hold so its intermediates stay within the budget."""
-    return max(1, intermediate_budget() // max(bytes_per_token, 1))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .device import dpnp
+from .memory import note_allocation
 
 HUGE_PAGE = 2 << 20
 # Below this, an array spans too few huge pages to matter.
@@ -69,6 +70,7 @@ def upload(h: np.ndarray, queue: Any) -> Any:
     """C-contiguous host array -> new dpnp array on ``queue``, on huge pages when it helps."""
     import dpctl.tensor as dpt
 
+    note_allocation(h.nbytes)
     d = dpnp.ndarray._create_from_usm_ndarray(dpt.empty(h.shape, dtype=h.dtype, sycl_queue=queue))
     if h.size == 0:
         return d

@@ -5,42 +5,145 @@ Three conventions, all with ties going to the smaller expert index:
   ``scoring="softmax_after_topk"``: top-k logits, then softmax over those k (GPT-OSS);
 - :func:`topk_sigmoid`: sigmoid scores, optional selection bias;
 - :func:`grouped_topk`: best expert groups first, then experts inside them (DeepSeek-V3).
+
+Each is a :class:`RoutingSpec`, validated once by :func:`routing_spec`; :func:`route` is the
+only launcher of the routing kernels (the public functions, :class:`dpmoe.MoELayer` and the
+benchmark all go through it), and :meth:`RoutingSpec.reference` the only road to the
+NumPy oracle of a spec.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import reference, validation
-from .arrays import empty, flat, to_device, to_host
-from .device import dpnp, placement, returns_numpy
+from ._dispatch import call, host
+from ._engine.convert import weights_to_device
+from .arrays import empty, flat, to_device
 
-SCORINGS = ("softmax", "softmax_after_topk")
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "softmax_after_topk", "sigmoid")
+# vLLM's grouped top-k renormalizes by sum + 1e-20 (no 0/0 for tokens of tiny scores).
+GROUPED_EPSILON = 1e-20
+# The grouped kernel keeps the chosen groups as bits of a 64-bit mask.
+MAX_GROUPS = 64
 
 
-def _check_logits(gating_logits: Any, top_k: Any) -> tuple[str, int, int, int]:
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A validated routing convention for logits [T, num_experts] (see :func:`routing_spec`)."""
+
+    num_experts: int
+    top_k: int
+    renormalize: bool = False
+    scoring: str = "softmax"  # one of SCORINGS
+    num_expert_group: int = 1
+    topk_group: int = 1
+    has_correction_bias: bool = False  # chosen by score + bias, weighted by the score
+    routed_scaling_factor: float = 1.0  # multiplies the weights once
+    epsilon: float = 0.0  # renormalization divides by sum + epsilon
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the grouped top-k kernel (scores, groups, bias, scale, epsilon) runs it;
+        plain softmax routing takes the softmax kernel."""
+        return not (self.scoring in ("softmax", "softmax_after_topk")
+                    and self.num_expert_group == 1 and not self.has_correction_bias
+                    and self.routed_scaling_factor == 1.0 and self.epsilon == 0.0)
+
+    def reference(self, logits: np.ndarray, correction_bias: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The NumPy oracle of this routing on host ``logits`` [T, E]."""
+        if not self.grouped:
+            return reference.topk_softmax(logits, self.top_k, self.renormalize, self.scoring)
+        return reference.grouped_topk(
+            logits, self.top_k, self.num_expert_group, self.topk_group, self.renormalize,
+            self.scoring, correction_bias, self.routed_scaling_factor,
+            _epsilon=np.float32(self.epsilon))
+
+
+def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring: Any = "softmax",
+                 num_expert_group: Any = 1, topk_group: Any = 1, correction_bias: Any = None,
+                 routed_scaling_factor: Any = 1.0, epsilon: float | None = None) -> RoutingSpec:
+    """Validates a routing convention (errors name the argument); ``correction_bias`` is
+    checked for shape [E] and finiteness. ``epsilon`` None: DeepSeek's (1e-20) for sigmoid
+    scoring, groups, a bias or a scale, else 0."""
+    top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    num_groups = validation.positive_int("num_expert_group", num_expert_group, 1,
+                                         min(MAX_GROUPS, num_experts))
+    if num_experts % num_groups:
+        raise ValueError(f"num_expert_group must divide the number of experts {num_experts}, "
+                         f"got {num_groups}")
+    topk_group = validation.positive_int("topk_group", topk_group, 1, num_groups)
+    group_size = num_experts // num_groups
+    if top_k > topk_group * group_size:
+        raise ValueError(f"top_k must be at most topk_group * experts per group = "
+                         f"{topk_group * group_size}, got {top_k}")
+    scale = validation.finite_number("routed_scaling_factor", routed_scaling_factor)
+    if correction_bias is not None:
+        validation.routing_weights("correction_bias", correction_bias, (num_experts,))
+        if num_groups > 1 and group_size < 2:
+            raise ValueError("correction_bias needs at least 2 experts per group (a group "
+                             "scores the sum of its two best biased scores)")
+    has_bias = correction_bias is not None
+    if scoring == "softmax_after_topk" and (num_groups > 1 or has_bias or scale != 1.0):
+        raise ValueError("scoring='softmax_after_topk' takes no groups, correction_bias or "
+                         "routed_scaling_factor")
+    if epsilon is None:
+        deepseek = scoring == "sigmoid" or num_groups > 1 or has_bias or scale != 1.0
+        epsilon = GROUPED_EPSILON if deepseek else 0.0
+    return RoutingSpec(num_experts, top_k, bool(renormalize), scoring, num_groups, topk_group,
+                       has_bias, scale, float(epsilon))
+
+
+def route(spec: RoutingSpec, logits: Any, kind: str, correction_bias: Any = None
+          ) -> tuple[Any, Any]:
+    """``spec``'s routing of finite device ``logits`` [T, E] in storage form ``kind`` ->
+    (weights [T, k] float32, ids [T, k] int32) on the logits' queue; ``correction_bias``
+    a float32 device array [E] when the spec has one."""
+    from .kernels.routing import make_grouped_topk_kernel, make_topk_softmax_kernel
+
+    num_tokens = logits.shape[0]
+    queue = logits.sycl_queue
+    weights = empty((num_tokens, spec.top_k), "float32", queue)
+    ids = empty((num_tokens, spec.top_k), "int32", queue)
+    if num_tokens == 0:
+        return weights, ids
+    if not spec.grouped:
+        make_topk_softmax_kernel(kind, spec.scoring == "softmax_after_topk")(
+            flat(logits), flat(weights), flat(ids), num_tokens, spec.num_experts, spec.top_k,
+            spec.renormalize)
+        return weights, ids
+    bias = flat(correction_bias) if spec.has_correction_bias else flat(weights)  # unread
+    make_grouped_topk_kernel(kind, spec.scoring == "sigmoid", spec.has_correction_bias)(
+        flat(logits), bias, flat(weights), flat(ids), num_tokens, spec.num_experts,
+        spec.num_expert_group, spec.topk_group, spec.top_k, spec.renormalize, spec.epsilon,
+        spec.routed_scaling_factor)
+    return weights, ids
+
+
+def _route_public(gating_logits: Any, spec_args: dict, correction_bias: Any, device: Any
+                  ) -> tuple[Any, Any]:
+    """The public functions' road: validate logits and spec, place, route, return."""
     kind = validation.float_array("gating_logits", gating_logits, ndim=2)
-    num_tokens, num_experts = gating_logits.shape
+    num_experts = gating_logits.shape[1]
     if num_experts == 0:
         raise ValueError("gating_logits must have at least one expert column, got shape "
                          f"{tuple(gating_logits.shape)}")
-    top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    spec = routing_spec(num_experts, correction_bias=correction_bias, **spec_args)
     validation.finite("gating_logits", gating_logits)
-    return kind, num_tokens, num_experts, top_k
 
+    def on_device(queue: Any) -> tuple[Any, Any]:
+        bias = None if correction_bias is None else weights_to_device(correction_bias, queue)
+        return route(spec, to_device(gating_logits, queue), kind, bias)
 
-def _outputs(num_tokens: int, top_k: int, queue: Any) -> tuple[Any, Any]:
-    return empty((num_tokens, top_k), "float32", queue), empty((num_tokens, top_k), "int32", queue)
-
-
-def _returned(arrays: dict, weights: Any, ids: Any) -> tuple[Any, Any]:
-    if returns_numpy(arrays):
-        return dpnp.asnumpy(weights), dpnp.asnumpy(ids)
-    return weights, ids
+    return call({"gating_logits": gating_logits, "correction_bias": correction_bias}, {kind},
+                device, lambda: spec.reference(host(gating_logits), host(correction_bias)),
+                on_device, ("float32", "int32"))
 
 
 def topk_softmax(
@@ -65,31 +168,10 @@ def topk_softmax(
     [[0.665, 0.245]] (softmax over all three experts); with "softmax_after_topk" the
     weights are [[0.731, 0.269]].
     """
-    kind, num_tokens, _, top_k = _check_logits(gating_logits, top_k)
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    arrays = {"gating_logits": gating_logits}
-    queue = placement(arrays, {kind}, device)
-    if queue is None:
-        return reference.topk_softmax(to_host(gating_logits), top_k, renormalize, scoring)
-    weights, ids = route_on_device(to_device(gating_logits, queue), kind, top_k, renormalize,
-                                   scoring)
-    return _returned(arrays, weights, ids)
-
-
-def route_on_device(logits: Any, kind: str, top_k: int, renormalize: bool,
-                    scoring: str = "softmax") -> tuple[Any, Any]:
-    """topk_softmax on validated, finite device ``logits`` [T, E] in storage form."""
-    from .kernels.routing import make_topk_softmax_kernel
-
-    num_tokens, num_experts = logits.shape
-    weights, ids = _outputs(num_tokens, top_k, logits.sycl_queue)
-    if num_tokens > 0:
-        make_topk_softmax_kernel(kind, scoring == "softmax_after_topk")(
-            flat(logits), flat(weights), flat(ids), num_tokens, num_experts,
-            top_k, bool(renormalize),
-        )
-    return weights, ids
+    if scoring not in ("softmax", "softmax_after_topk"):
+        raise ValueError(f"scoring must be 'softmax' or 'softmax_after_topk', got {scoring!r}")
+    return _route_public(gating_logits, dict(top_k=top_k, renormalize=renormalize,
+                                              scoring=scoring), None, device)
 
 
 def topk_sigmoid(
@@ -101,7 +183,7 @@ def topk_sigmoid(
     Args:
         gating_logits: [T, E] float router logits, finite.
         top_k: experts per token, 1 <= top_k <= E.
-        renormalize: divide each token's k weights by their sum.
+        renormalize: divide each token's k weights by their sum (a sum of 0 gives NaN).
         correction_bias: optional [E] float bias added to the scores for selection only.
         device: where NumPy inputs run.
 
@@ -109,8 +191,9 @@ def topk_sigmoid(
         ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``; weights are the unbiased
         sigmoid scores of the chosen experts.
     """
-    return _grouped(gating_logits, top_k, 1, 1, renormalize, "sigmoid", correction_bias, 1.0,
-                    0.0, device, "topk_sigmoid")
+    return _route_public(gating_logits, dict(top_k=top_k, renormalize=renormalize,
+                                              scoring="sigmoid", epsilon=0.0),
+                         correction_bias, device)
 
 
 def grouped_topk(
@@ -132,57 +215,17 @@ def grouped_topk(
         top_k: experts per token, at most ``topk_group * E / num_expert_group``.
         num_expert_group: number of groups G (1 <= G <= 64).
         topk_group: groups kept per token, 1 <= topk_group <= G.
-        renormalize, scoring_func, correction_bias ([E] float), routed_scaling_factor: above.
+        renormalize, scoring_func ("softmax" or "sigmoid"), correction_bias ([E] float),
+            routed_scaling_factor (finite in float32): above.
         device: where NumPy inputs run.
 
     Returns:
         ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
     """
-    return _grouped(gating_logits, top_k, num_expert_group, topk_group, renormalize,
-                    scoring_func, correction_bias, routed_scaling_factor, 1e-20, device,
-                    "grouped_topk")
-
-
-def _grouped(gating_logits, top_k, num_groups, topk_group, renormalize, scoring_func,
-             correction_bias, scale, epsilon, device, what) -> tuple[Any, Any]:
-    from .kernels.routing import make_grouped_topk_kernel
-
-    kind, num_tokens, num_experts, top_k = _check_logits(gating_logits, top_k)
-    # the kernel keeps the chosen groups as bits of a 64-bit mask
-    num_groups = validation.positive_int("num_expert_group", num_groups, 1, min(64, num_experts))
-    if num_experts % num_groups:
-        raise ValueError(f"num_expert_group must divide the number of experts {num_experts}, "
-                         f"got {num_groups}")
-    topk_group = validation.positive_int("topk_group", topk_group, 1, num_groups)
-    group_size = num_experts // num_groups
-    if top_k > topk_group * group_size:
-        raise ValueError(f"top_k must be at most topk_group * experts per group = "
-                         f"{topk_group * group_size}, got {top_k}")
-    if scoring_func not in SCORE_FUNCS:
-        raise ValueError(f"scoring_func must be one of {SCORE_FUNCS}, got {scoring_func!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale):
-        raise ValueError(f"routed_scaling_factor must be a finite number, got {scale!r}")
-    arrays = {"gating_logits": gating_logits}
-    if correction_bias is not None:
-        validation.routing_weights("correction_bias", correction_bias, (num_experts,))
-        if what == "grouped_topk" and num_groups > 1 and group_size < 2:
-            raise ValueError("correction_bias needs at least 2 experts per group (a group "
-                             "scores the sum of its two best biased scores)")
-        arrays["correction_bias"] = correction_bias
-    queue = placement(arrays, {kind}, device)
-    if queue is None:
-        bias = None if correction_bias is None else to_host(correction_bias)
-        return reference.grouped_topk(to_host(gating_logits), top_k, num_groups, topk_group,
-                                      renormalize, scoring_func, bias, scale,
-                                      _epsilon=np.float32(epsilon))
-    from .arrays import weights_to_device
-
-    weights, ids = _outputs(num_tokens, top_k, queue)
-    if num_tokens > 0:
-        bias = weights_to_device(correction_bias, queue) if correction_bias is not None else weights
-        make_grouped_topk_kernel(kind, scoring_func == "sigmoid", correction_bias is not None)(
-            flat(to_device(gating_logits, queue)), flat(bias), flat(weights),
-            flat(ids), num_tokens, num_experts, num_groups, topk_group, top_k,
-            bool(renormalize), epsilon, scale,
-        )
-    return _returned(arrays, weights, ids)
+    if scoring_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    return _route_public(gating_logits, dict(
+        top_k=top_k, renormalize=renormalize, scoring=scoring_func,
+        num_expert_group=num_expert_group, topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor, epsilon=GROUPED_EPSILON),
+        correction_bias, device)

@@ -3,36 +3,51 @@
 A file per (E, N = intermediate size, weight dtype, device name), named by
 :func:`config_file_name`, maps token counts to choices::
 
-    {"1": {"path": "per-token"}, "128": {"path": "grouped"}, ...}
+    {"1": {"path": "per_token"}, "128": {"path": "grouped"}, ...}
 
-:func:`get_config` picks the entry with the nearest token count. Without a file the default
-is the grouped path when its GEMMs run on oneMKL's host BLAS (CPU devices: it won at every
-token count measured), else the per-token path up to :data:`DEFAULT_PER_TOKEN_MAX_TOKENS`
-tokens and the grouped path above; with one :class:`DefaultConfigWarning` per shape. ``python -m dpmoe.bench --tune``
-measures both paths and writes the files through the same naming function.
+:func:`get_config` picks the entry with the nearest token count, from the user's folder
+(:func:`user_config_dir`: ``DPMOE_TUNED_CONFIG_DIR``, else ``~/.cache/dpmoe/tuned``) before
+the files shipped in the package. ``python -m dpmoe.bench --tune`` measures both paths and
+writes there through the same naming function. Without a file, :func:`default_config`
+decides, and one :class:`DefaultConfigWarning` per process says so. Only
+:mod:`dpmoe._engine.plan` reads this module.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
 
-TUNED_DIR = Path(__file__).parent / "tuned"
-# Below this many tokens the per-token GEMVs (weights read in place) beat gathering rows for
-# dpnp.matmul's GEMMs; measured with the benchmark on the CPU device before host GEMMs.
+PACKAGED_DIR = Path(__file__).parent / "tuned"
+PATHS = ("grouped", "per_token")
+# Below this many tokens the per-token GEMVs (weights read in place) beat gathering rows,
+# where the grouped GEMMs are not oneMKL's host float32 or AMX bf16 GEMMs (measured with
+# the benchmark: the CPU device before host GEMMs, and an AMD EPYC without AMX, where a bf16
+# OLMoE decode step took 66 ms grouped against 15 ms per-token).
 DEFAULT_PER_TOKEN_MAX_TOKENS = 16
-PATHS = ("per-token", "grouped")
 
-_warned: set[tuple] = set()
+_warned = False
 _lock = threading.Lock()
 
 
 class DefaultConfigWarning(UserWarning):
     """No tuned config for this shape and device: the heuristic default is used."""
+
+
+def user_config_dir() -> Path:
+    """Where tuned configs of this user live: ``DPMOE_TUNED_CONFIG_DIR`` or
+    ``$XDG_CACHE_HOME/dpmoe/tuned`` (default ``~/.cache/dpmoe/tuned``)."""
+    given = os.environ.get("DPMOE_TUNED_CONFIG_DIR")
+    if given:
+        return Path(given).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "dpmoe" / "tuned"
 
 
 def config_file_name(num_experts: int, inter: int, dtype: str, device_name: str) -> str:
@@ -41,47 +56,82 @@ def config_file_name(num_experts: int, inter: int, dtype: str, device_name: str)
 
 
 @lru_cache(maxsize=None)
-def load_configs(file_name: str, directory: str) -> dict[int, dict] | None:
-    path = Path(directory) / file_name
-    if not path.exists():
-        return None
+def _load(path: Path, modified: float) -> dict[int, dict]:
     with open(path) as f:
-        return {int(tokens): choice for tokens, choice in json.load(f).items()}
+        configs = {int(tokens): dict(choice) for tokens, choice in json.load(f).items()}
+    for choice in configs.values():  # files written before the keyword existed
+        choice["path"] = choice["path"].replace("-", "_")
+        if choice["path"] not in PATHS:
+            raise ValueError(f"{path}: path must be one of {PATHS}, got {choice['path']!r}")
+    return configs
 
 
-def default_config(num_tokens: int, host_gemm: bool = False) -> dict:
-    per_token = not host_gemm and num_tokens <= DEFAULT_PER_TOKEN_MAX_TOKENS
-    return {"path": "per-token" if per_token else "grouped"}
+def find_configs(file_name: str) -> tuple[dict[int, dict], Path] | None:
+    """The configs in ``file_name`` and where they were found (user folder first)."""
+    for directory in (user_config_dir(), PACKAGED_DIR):
+        path = directory / file_name
+        if path.is_file():
+            return _load(path, path.stat().st_mtime), path
+    return None
+
+
+def has_amx() -> bool:
+    """Whether the host CPU has AMX tiles for bf16 (oneMKL's bf16 GEMMs are fast there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def default_config(num_tokens: int, host_gemm: str | None = None) -> dict:
+    """The untuned choice. ``host_gemm``: the kind oneMKL's host GEMMs would run the grouped
+    path in ("float32", "bfloat16"), None when they cannot (then ``dpnp.matmul``)."""
+    fast_grouped = host_gemm == "float32" or (host_gemm == "bfloat16" and has_amx())
+    per_token = not fast_grouped and num_tokens <= DEFAULT_PER_TOKEN_MAX_TOKENS
+    return {"path": "per_token" if per_token else "grouped"}
+
+
+def _caller_level() -> int:
+    """The warnings stack level of the first frame outside dpmoe (the user's call)."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def get_config(num_experts: int, inter: int, dtype: str, device_name: str, num_tokens: int,
-               host_gemm: bool = False) -> dict:
-    """The choices for a call of ``num_tokens`` tokens: the tuned entry nearest in T.
-    ``host_gemm``: whether the grouped GEMMs would run on oneMKL's host BLAS (the default
-    then is the grouped path)."""
+               host_gemm: str | None = None) -> tuple[dict, str]:
+    """(choice, where it came from) for a call of ``num_tokens`` tokens: the tuned entry
+    nearest in T, else :func:`default_config` with one :class:`DefaultConfigWarning` per
+    process."""
+    global _warned
     name = config_file_name(num_experts, inter, dtype, device_name)
-    configs = load_configs(name, str(TUNED_DIR))
-    if not configs:
-        key = (num_experts, inter, dtype, device_name)
+    found = find_configs(name)
+    if not found:
         with _lock:
-            first = key not in _warned
-            _warned.add(key)
+            first, _warned = not _warned, True
         if first:
             warnings.warn(
-                f"dpmoe: no tuned config {name}; using the default (see dpmoe.tuning). "
-                "Performance might be sub-optimal: python -m dpmoe.bench --tune writes one.",
-                DefaultConfigWarning, stacklevel=3)
-        return default_config(num_tokens, host_gemm)
+                f"dpmoe: no tuned config for {name} (and possibly other shapes); using the "
+                "default (dpmoe.tuning.default_config). `python -m dpmoe.bench --tune` writes "
+                f"configs to {user_config_dir()}. This warning is shown once per process.",
+                DefaultConfigWarning, stacklevel=_caller_level())
+        return default_config(num_tokens, host_gemm), "default"
+    configs, path = found
     nearest = min(configs, key=lambda t: (abs(t - num_tokens), t))
-    return configs[nearest]
+    return configs[nearest], f"tuned ({path}, T={nearest})"
 
 
 def save_configs(configs: dict[int, dict], num_experts: int, inter: int, dtype: str,
-                 device_name: str, directory: Path = TUNED_DIR) -> Path:
-    path = Path(directory) / config_file_name(num_experts, inter, dtype, device_name)
+                 device_name: str, directory: str | Path | None = None) -> Path:
+    """Writes ``{tokens: {"path": ...}}`` where :func:`get_config` reads it (default: the
+    user's folder); returns the file's path."""
+    path = Path(directory or user_config_dir()) / config_file_name(num_experts, inter, dtype,
+                                                                  device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump({str(t): configs[t] for t in sorted(configs)}, f, indent=1)
         f.write("\n")
-    load_configs.cache_clear()
     return path

@@ -12,13 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import BFLOAT16, float_kind
+from .arrays import BFLOAT16, FLOAT_KINDS, float_kind
 from .device import dpnp, is_device_array
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def array(name: str, a: Any, ndim: int | None = None) -> Any:
     """A NumPy or dpnp array of rank ``ndim``."""
     if not (isinstance(a, np.ndarray) or is_device_array(a)):
+        if type(a).__module__.split(".")[0] == "torch":
+            raise TypeError(
+                f"{name} is a torch.Tensor; dpmoe takes NumPy or dpnp arrays: pass "
+                f"{name}.numpy() (a CPU tensor; for bfloat16, "
+                f"{name}.view(torch.int16).numpy().view(ml_dtypes.bfloat16), or "
+                f"{name}.float().numpy())")
         raise TypeError(f"{name} must be a NumPy or dpnp array, got {type(a).__name__}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
@@ -47,6 +56,101 @@ def positive_int(name: str, value: Any, low: int = 1, high: int | None = None) -
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def finite_number(name: str, value: Any) -> float:
+    """A real number that is finite in float32 (the kernels compute in float32)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), "
+                         f"got {value!r}")
+    return value
+
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
+                 "fp32": "float32", "f32": "float32", "float": "float32", "single": "float32"}
+
+
+def dtype_name(name: str, value: Any) -> str:
+    """One of FLOAT_KINDS from a dtype, a dtype's name or an alias ("bf16", "fp32", ...)."""
+    if isinstance(value, str):
+        kind = DTYPE_ALIASES.get(value.lower(), value.lower())
+    else:
+        try:
+            dt = np.dtype(value)
+        except TypeError:
+            dt = None
+        kind = "bfloat16" if dt == BFLOAT16 else (dt.name if dt is not None else None)
+    if kind not in FLOAT_KINDS:
+        raise TypeError(f"{name} must be one of {FLOAT_KINDS} (aliases: "
+                        f"{', '.join(sorted(DTYPE_ALIASES))}), got {value!r}")
+    return kind
+
+
+def writable(name: str, a: Any, what: str) -> None:
+    """An array the call may write: not read-only, no two elements in one place."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; {what}")
+    if any(stride == 0 and size > 1 for stride, size in zip(a.strides, a.shape)):
+        raise ValueError(f"{name} has a zero stride (a broadcast view: several elements share "
+                         f"memory); {what}")
+
+
+def experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
+    """Gate/up [E, H, I] and down [E, I, H] of one float kind; returns that kind."""
+    kind = float_array("gate_weights", gate_weights, 3)
+    num_experts, hidden, inter = gate_weights.shape
+    if min(num_experts, hidden, inter) == 0:
+        raise ValueError(f"gate_weights must have non-zero [E, H, I], got {tuple(gate_weights.shape)}")
+    for name, w, expected, meaning in (
+        ("up_weights", up_weights, (num_experts, hidden, inter), "[E, H, I] like gate_weights"),
+        ("down_weights", down_weights, (num_experts, inter, hidden), "[E, I, H]"),
+    ):
+        if float_array(name, w, 3) != kind:
+            raise TypeError(f"{name} must have gate_weights' dtype ({gate_weights.dtype}), got {w.dtype}")
+        shape(name, w, expected, meaning)
+    return kind
+
+
+def expert_options(num_experts: int, hidden: int, inter: int, activation: Any,
+                   gate_bias: Any, up_bias: Any, down_bias: Any, scale: Any, alpha: Any,
+                   limit: Any) -> set[str]:
+    """The optional expert arguments; returns the float kinds of the biases."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for label, value in (("routed_scaling_factor", scale), ("alpha", alpha), ("limit", limit)):
+        finite_number(label, value)
+    if (gate_bias is None) != (up_bias is None):
+        raise ValueError("gate_bias and up_bias must be given together")
+    kinds = set()
+    for label, bias, expected in (("gate_bias", gate_bias, (num_experts, inter)),
+                                  ("up_bias", up_bias, (num_experts, inter)),
+                                  ("down_bias", down_bias, (num_experts, hidden))):
+        if bias is not None:
+            kinds.add(float_array(label, bias, 2))
+            shape(label, bias, expected, "[E, I]" if label != "down_bias" else "[E, H]")
+    if gate_bias is not None and float_kind("up_bias", up_bias) != float_kind("gate_bias", gate_bias):
+        raise TypeError("up_bias must have gate_bias' dtype")
+    return kinds
+
+
+def expert_map(a: Any, num_experts: int) -> int:
+    """An expert map (global id -> local id in [-1, E)); returns the number of global ids
+    (``num_experts`` without a map)."""
+    if a is None:
+        return num_experts
+    array("expert_map", a, 1)
+    if not np.issubdtype(np.dtype(a.dtype), np.integer):
+        raise TypeError(f"expert_map must have an integer dtype, got {a.dtype}")
+    if a.shape[0] == 0:
+        raise ValueError("expert_map must map at least one global expert")
+    low, high = min_max(a)
+    if low < -1 or high >= num_experts:
+        raise ValueError(f"expert_map must hold local ids in [-1, {num_experts}) "
+                         f"(-1: not on this device), found {int(low if low < -1 else high)}")
+    return a.shape[0]
 
 
 def min_max(a: Any) -> tuple[float, float]:
@@ -108,5 +212,4 @@ def output(name: str, out: Any, expected_shape: tuple[int, ...], meaning: str, k
     shape(name, out, expected_shape, meaning)
     if is_device_array(out) == numpy_result:
         raise TypeError(f"{name} must be a dpnp array when an input is one, else a NumPy array")
-    if isinstance(out, np.ndarray) and not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
+    writable(name, out, "the result is written there")

@@ -3,40 +3,104 @@
 A prefill's intermediates are tens of MiB (Mixtral-size T = 1024: 29 MiB each for the gate
 and up products). Freshly allocated memory is mapped page by page as the GEMMs first write
 it, which made oneMKL's bf16 GEMMs 1.45x slower (611 against 889 GFLOP/s, measured) than
-writing into memory a previous call had touched. So the host path takes its intermediates
-from here: one buffer per name, per thread (calls from several threads never share one),
-per queue, grown when a call needs more and kept until :func:`clear`. Only code whose
-device work has finished when the call returns may use it (the host GEMMs and the kernel
-launches of that path are synchronous); results handed to the caller are never from here.
+writing into memory a previous call had touched. So a call takes a set of buffers from the
+:class:`Workspace` for its duration (:meth:`Workspace.session`), and hands it back after:
+concurrent calls never share a set, and sets outlive their threads only within the
+workspace's bound on the bytes it keeps (:data:`DEFAULT_LIMIT`; the rest is freed when its
+call ends). :func:`clear` frees every kept set, whichever thread used it.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
-from .arrays import _view, empty
+from .arrays import empty, view
 
-_local = threading.local()
+# Bytes of idle buffers kept between calls, all threads together: one prefill of the
+# benchmark's shapes (DeepSeek-lite at T = 1024 needs about 150 MiB) stays warm; beyond it,
+# sets are freed when their call ends.
+DEFAULT_LIMIT = 256 << 20
 
 
-def buffer(name: str, shape: tuple[int, ...], kind: str, queue: Any) -> Any:
-    """An uninitialised device array for the intermediate ``name``, valid until the next
-    request for ``name`` on this thread (``kind``: "float32" or a 16-bit kind, as bits)."""
-    store = getattr(_local, "buffers", None)
-    if store is None:
-        store = _local.buffers = {}
-    dtype = np.dtype(np.float32 if kind == "float32" else np.uint16)
-    size = int(np.prod(shape))
-    words = -(-size * dtype.itemsize // 4)
-    held = store.get((name, queue))
-    if held is None or held.size < words:
-        held = store[(name, queue)] = empty((max(words, 1),), "float32", queue)
-    return _view(held, tuple(shape), dtype, 0)
+class Buffers:
+    """One call's named buffers on one queue (see :meth:`buffer`)."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+        self._held: dict[str, Any] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._held.values())
+
+    def buffer(self, name: str, shape: tuple[int, ...], kind: str) -> Any:
+        """An uninitialised array for the intermediate ``name``, valid until the next request
+        for ``name`` in this set (``kind``: "float32" or a 16-bit kind, as bits)."""
+        dtype = np.dtype(np.float32 if kind == "float32" else np.uint16)
+        words = -(-int(np.prod(shape)) * dtype.itemsize // 4)
+        held = self._held.get(name)
+        if held is None or held.size < words:
+            self._held.pop(name, None)  # freed before its larger successor is allocated
+            held = self._held[name] = empty((max(words, 1),), "float32", self.queue)
+        return view(held, tuple(shape), dtype, 0)
+
+
+class Workspace:
+    """Sets of reusable buffers, checked out one per running call, kept within ``limit``."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT):
+        self.limit = int(limit)
+        self._idle: list[Buffers] = []
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the idle sets kept for later calls."""
+        with self._lock:
+            return sum(s.nbytes for s in self._idle)
+
+    @contextmanager
+    def session(self, queue: Any) -> Iterator[Buffers]:
+        """A set of buffers for one call on ``queue``, returned to the workspace (or freed)
+        when the block ends. Device work writing them must have finished by then."""
+        with self._lock:
+            found = next((s for s in self._idle if s.queue == queue), None)
+            if found is not None:
+                self._idle.remove(found)
+            generation = self._generation
+        buffers = found or Buffers(queue)
+        try:
+            yield buffers
+        finally:
+            with self._lock:
+                kept = sum(s.nbytes for s in self._idle)
+                if generation == self._generation and kept + buffers.nbytes <= self.limit:
+                    self._idle.append(buffers)
+
+    def clear(self) -> None:
+        """Free every idle set now, and the sets of running calls when they end."""
+        with self._lock:
+            self._idle = []
+            self._generation += 1
+
+
+WORKSPACE = Workspace()
 
 
 def clear() -> None:
-    """Free this thread's buffers (the memory of the largest call so far)."""
-    _local.buffers = {}
+    """Free the reused intermediate buffers of every thread (see :class:`Workspace`)."""
+    WORKSPACE.clear()
+
+
+def set_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of idle buffers between calls (0: keep none)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    WORKSPACE.limit = nbytes
+    if WORKSPACE.held_bytes > nbytes:
+        WORKSPACE.clear()

@@ -44,25 +44,3 @@ def test_empty_has_the_storage_dtype():
     assert arrays.empty((2, 3), "float32", q).dtype == np.float32
     assert arrays.empty((2, 3), "bfloat16", q).dtype == np.uint16
     assert arrays.empty((4,), "int32", q).dtype == np.int32
-
-
-def test_workspace_reuses_per_name_and_thread_and_grows():
-    import threading
-
-    from dpmoe import workspace
-
-    q = queue()
-    workspace.clear()
-    a = workspace.buffer("gate", (4, 8), "float32", q)
-    b = workspace.buffer("gate", (2, 8), "bfloat16", q)
-    assert b.shape == (2, 8) and b.dtype == np.uint16
-    assert b.get_array()._pointer == a.get_array()._pointer  # fits: same memory
-    assert workspace.buffer("up", (4, 8), "float32", q).get_array()._pointer != a.get_array()._pointer
-    bigger = workspace.buffer("gate", (64, 8), "float32", q)
-    assert bigger.shape == (64, 8)
-    other = []
-    thread = threading.Thread(target=lambda: other.append(workspace.buffer("gate", (4, 8), "float32", q)))
-    thread.start()
-    thread.join()
-    assert other[0].get_array()._pointer != bigger.get_array()._pointer
-    workspace.clear()

@@ -41,8 +41,8 @@ def swigluoai_mul(g, u, alpha, limit):
     return g / (np.float32(1.0) + math.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
-_ACTIVATIONS = {"silu": silu_mul, "gelu": gelu_mul, "gelu_tanh": gelu_tanh_mul,
-                "swigluoai": swigluoai_mul}
+ACTIVATION_FUNCTIONS = {"silu": silu_mul, "gelu": gelu_mul, "gelu_tanh": gelu_tanh_mul,
+                        "swigluoai": swigluoai_mul}
 
 
 @lru_cache(maxsize=None)
@@ -63,7 +63,7 @@ def make_silu_and_mul_kernel(gate_kind: str, up_kind: str, out_kind: str,
     load_gate = loader(gate_kind)
     load_up = loader(up_kind)
     store = storer(out_kind)
-    act_mul = _ACTIVATIONS[activation]
+    act_mul = ACTIVATION_FUNCTIONS[activation]
     has_bias = bias_kind is not None
     load_bias = loader(bias_kind or "float32")
 

@@ -2,6 +2,8 @@
 
 from functools import lru_cache
 
+import numpy as np
+
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
@@ -52,5 +54,29 @@ def make_convert_kernel(src_kind: str, dst_kind: str):
 
     def launch(src, dst):
         call(convert_kernel, dpex.Range(src.shape[0]), src, dst)
+
+    return launch
+
+
+@lru_cache(maxsize=None)
+def make_stacked_rows_kernel():
+    """Row of each slot in the stacked layout: ``expert * rows_per_expert + rank``, -1 for
+    slots of experts on another device."""
+
+    @dpex.kernel
+    def stacked_rows_kernel(
+        item: kapi.Item,
+        ids,  # IN  (n_slots) int32 local expert ids, -1 = not local
+        ranks,  # IN  (n_slots) int32 position among the expert's slots
+        rows,  # OUT (n_slots) int32
+        rows_per_expert,
+    ):
+        s = item.get_id(0)
+        e = ids[s]
+        rows[s] = -1 if e < 0 else e * rows_per_expert + ranks[s]
+
+    def launch(ids, ranks, rows, rows_per_expert):
+        call(stacked_rows_kernel, dpex.Range(ids.shape[0]), ids, ranks, rows,
+             np.int32(rows_per_expert))
 
     return launch

@@ -24,12 +24,11 @@ from numba_dpex import kernel_api as kapi
 from .launch import call
 
 from .numerics import loader, pair_loader
+from .sizes import ROWS_PER_SPLIT, splits
 
 # Rows each work-group streams between two barriers; more rows amortise the barrier, fewer
 # keep each region's working set small. 8 measured best (16 no better, 1 half as fast).
 ROWS_PER_BARRIER = 8
-# Rows of the reduction dimension one work-group sums (split-K chunk).
-ROWS_PER_SPLIT = 256
 # Widest work-group used; 1024 and 4096 measured the same, 64-256 were 2-4x slower.
 MAX_GROUP_SIZE = 1024
 
@@ -159,17 +158,13 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
     return launch
 
 
-def splits(n_rows: int) -> int:
-    return -(-n_rows // ROWS_PER_SPLIT)
-
-
 @lru_cache(maxsize=None)
 def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
     """Sums the split-K partials of gate and up and applies the gated activation (with the
     block's expert's biases when ``bias_kind`` is given)."""
-    from .activation import _ACTIVATIONS
+    from .activation import ACTIVATION_FUNCTIONS
 
-    act_mul = _ACTIVATIONS[activation]
+    act_mul = ACTIVATION_FUNCTIONS[activation]
     has_bias = bias_kind is not None
     load_bias = loader(bias_kind or "float32")
 

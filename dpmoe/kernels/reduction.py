@@ -10,6 +10,10 @@ from .launch import call
 
 from .numerics import loader, storer
 
+# What 0/0 gives. The OpenCL CPU runtime's division returned arbitrary finite values for it,
+# so kernels test for a zero denominator and write this instead.
+NAN = np.float32(np.nan)
+
 
 @lru_cache(maxsize=None)
 def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
@@ -42,6 +46,8 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
             for j in range(top_k):
                 total += weights[t * top_k + j]
         acc = np.float32(0.0)
+        if total == 0:  # weights summing to 0 under renormalize: 0/0, spelled out (see NAN)
+            acc = NAN
         for j in range(top_k):
             s = t * top_k + j
             if row_of_slot[s] < 0:  # expert on another device: contributes nothing here

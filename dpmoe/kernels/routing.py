@@ -16,6 +16,8 @@ from .launch import call
 
 from .numerics import loader
 
+NAN = np.float32(np.nan)
+
 
 @dpex.device_func
 def follows(value, index, prev_value, prev_index):
@@ -179,10 +181,13 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
             picked_sum += w
             prev_value = best_value
             prev_index = best_index
+        denominator = picked_sum + epsilon
         for j in range(top_k):
             w = weights[t * top_k + j]
             if renormalize != 0:
-                w = w / (picked_sum + epsilon)
+                # 0/0 is NaN, as the README promises; the runtime's division is not IEEE
+                # there (it returned arbitrary finite values), so the case is spelled out
+                w = NAN if denominator == 0 else w / denominator
             weights[t * top_k + j] = w * scale
 
     def launch(logits, bias, weights, ids, num_tokens, num_experts, num_groups, topk_group,

@@ -1,0 +1,133 @@
+"""What the experts are: their weights on one queue (with the derived forms the GEMM
+backends want) and the options of their computation (activation, biases, output scale)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import onemkl_host, pages
+from ..arrays import as_words, flat, float_kind, to_device
+from .convert import widen
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """What the experts compute besides plain SwiGLU: activation, biases, output scale.
+
+    Immutable: one instance may be shared by calls and layers.
+    """
+
+    activation: str = "silu"
+    alpha: float = 1.702  # swigluoai
+    limit: float = 7.0  # swigluoai
+    gate_bias: Any = None  # (E * I) device storage, with up_bias
+    up_bias: Any = None
+    bias_kind: str | None = None  # storage kind of gate_bias / up_bias
+    down_bias: Any = None  # (E * H) device storage
+    down_bias_kind: str = "float32"
+    scale: float = 1.0  # routed_scaling_factor
+
+    @classmethod
+    def on_device(cls, queue: Any, activation: str = "silu", alpha: float = 1.702,
+                  limit: float = 7.0, scale: float = 1.0, gate_bias: Any = None,
+                  up_bias: Any = None, down_bias: Any = None) -> "ExpertOptions":
+        """Options with the (validated) biases copied to ``queue`` in storage form, flat."""
+        fields: dict[str, Any] = {}
+        if gate_bias is not None:  # the kernels index biases flat
+            fields.update(gate_bias=flat(to_device(gate_bias, queue)),
+                          up_bias=flat(to_device(up_bias, queue)),
+                          bias_kind=float_kind("gate_bias", gate_bias))
+        if down_bias is not None:
+            fields.update(down_bias=flat(to_device(down_bias, queue)),
+                          down_bias_kind=float_kind("down_bias", down_bias))
+        return cls(activation=activation, alpha=float(alpha), limit=float(limit),
+                   scale=float(scale), **fields)
+
+
+DEFAULT_OPTIONS = ExpertOptions()
+
+
+class ExpertWeights:
+    """Gate [E, H, I], up [E, H, I] and down [E, I, H] weights on one queue, in storage form.
+
+    The portable grouped path needs float32 matrices for ``dpnp.matmul``; 16-bit weights
+    are widened on first use. oneMKL's host bf16 GEMM (bf16 on a CPU device) needs nothing,
+    but reused weights run 2-3x faster packed. ``persistent`` (a layer that reuses its
+    weights) keeps those derived forms instead of rebuilding them per call.
+    """
+
+    def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, persistent: bool):
+        self.gate, self.up, self.down = (to_device(w, queue) for w in (gate, up, down))
+        self.kind = kind
+        self.persistent = persistent
+        if persistent:  # weights read for many calls: worth moving onto huge pages now
+            for w in (self.gate, self.up, self.down):
+                pages.advise(w, now=True)
+        self._float32: tuple | None = None
+        self._packed: tuple | None = None
+        self._gemv: tuple | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, H, I)."""
+        return tuple(self.gate.shape)
+
+    @property
+    def queue(self) -> Any:
+        return self.gate.sycl_queue
+
+    def gemv_operands(self) -> tuple[tuple[Any, Any, int], tuple[Any, Any, int]]:
+        """((gate, up, cols), (down, down, cols)) flat, as the per-token kernels read them:
+        16-bit rows of even length as uint32 words (two columns per load, cols = 2)."""
+        if self._gemv is None:
+            def pairable(w: Any) -> tuple[Any, int]:
+                line = flat(w)
+                if w.shape[-1] % 2:
+                    return line, 1
+                if self.kind == "float32":
+                    return line, 2
+                words = as_words(line)
+                return (line, 1) if words is None else (words, 2)
+
+            (gate, cols_g), (up, cols_u) = pairable(self.gate), pairable(self.up)
+            if cols_g != cols_u:
+                (gate, _), (up, _) = (flat(self.gate), 1), (flat(self.up), 1)
+                cols_g = 1
+            down, cols_d = pairable(self.down)
+            self._gemv = ((gate, up, cols_g), (down, down, cols_d))
+        return self._gemv
+
+    def derived_bytes(self, gemm: str) -> int:
+        """Bytes the next call through backend ``gemm`` (an :class:`ExecutionPlan`'s)
+        allocates for derived weights: packed bf16 or widened float32 copies."""
+        if gemm == "onemkl-host-bf16":
+            if not self.persistent or self._packed is not None:
+                return 0
+            num_experts, hidden, inter = self.shape
+            return num_experts * (2 * onemkl_host.packed_size(inter, hidden)
+                                  + onemkl_host.packed_size(hidden, inter))
+        if gemm == "dpnp.matmul" and self.kind != "float32" and self._float32 is None:
+            return 3 * self.gate.size * 4
+        return 0
+
+    def packed(self) -> tuple[list, list, list] | None:
+        """Per expert, gate/up/down in oneMKL's packed bf16 format (persistent weights only)."""
+        if not self.persistent:
+            return None
+        if self._packed is None:
+            num_experts, hidden, inter = self.shape
+            self.queue.wait()
+            self._packed = tuple(
+                [onemkl_host.pack(flat(w), e * hidden * inter, n, k) for e in range(num_experts)]
+                for w, n, k in ((self.gate, inter, hidden), (self.up, inter, hidden),
+                                (self.down, hidden, inter)))
+        return self._packed
+
+    def float32(self) -> tuple[Any, Any, Any]:
+        if self._float32 is not None:
+            return self._float32
+        widened = tuple(widen(w, self.kind) for w in (self.gate, self.up, self.down))
+        if self.persistent:
+            self._float32 = widened
+        return widened

@@ -1,0 +1,81 @@
+"""The grouped path: slots grouped by expert, whole-group GEMMs, SiLU-mul, weighted sum.
+
+Rows of one chunk: gathered token rows (or the tokens in place when every expert has one
+row), gate and up products, the activation (in place of gate, or bf16 for the down GEMM
+on the bf16 host path), down products; then the reduction kernel sums each token's slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..arrays import empty, flat
+from .experts import ExpertOptions, ExpertWeights
+from .gemm import expert_matmul, expert_matmul_host, gather_rows, intermediate
+from .metadata import plan_host_layout, plan_layout
+from .plan import ExecutionPlan
+from .reduce import weighted_sum
+
+
+def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights,
+                weights: Any, ids: Any, top_k: int, renormalize: bool, out: Any,
+                out_kind: str, options: ExpertOptions, buffers: Any) -> None:
+    """One chunk: ``x`` [t, H] storage form, flat ``weights``/``ids`` (t*k, local ids),
+    result into ``out`` [t, H]; ``buffers``: a workspace set for the host path or None."""
+    from ..kernels.activation import make_silu_and_mul_kernel
+
+    num_experts, _, inter = experts.shape
+    queue = x.sycl_queue
+    host = plan.gemm.startswith("onemkl-host")
+    bf16 = plan.gemm == "onemkl-host-bf16"
+    layout = plan_host_layout(ids, num_experts, top_k) if host else plan_layout(ids, num_experts)
+    if layout.n_rows == 0:  # every slot's expert lives on another device
+        weighted_sum(empty((1,), "float32", queue), "float32", layout.row_of_slot, weights, ids,
+                     out, out_kind, top_k, renormalize, scale=options.scale)
+        return
+    act_kernel = make_silu_and_mul_kernel("float32", "float32", "bfloat16" if bf16 else "float32",
+                                          options.activation, options.bias_kind)
+    biases = {}
+    if options.gate_bias is not None:
+        biases = dict(row_expert=layout.row_expert(queue), gate_bias=options.gate_bias,
+                      up_bias=options.up_bias)
+
+    def token_rows(kind: str) -> tuple[Any, list | None]:
+        """The first GEMMs' input: the tokens in place when they can be (decode), else the
+        slots' rows gathered by expert, as ``kind``."""
+        a_rows = layout.token_rows() if host and x_kind == kind else None
+        if a_rows is not None:
+            return x, a_rows
+        return gather_rows(x, x_kind, layout, top_k, kind, buffers), None
+
+    def activate(gate: Any, up: Any, result: Any) -> None:
+        act_kernel(flat(gate), flat(up), flat(result), layout.n_rows, inter, inter, inter, 0,
+                   options.alpha, options.limit, **biases)
+
+    if bf16:
+        # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
+        # for the down GEMM, as any bf16 GEMM pipeline does
+        packed = experts.packed()
+        rows, a_rows = token_rows("bfloat16")
+        gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
+                                      packed=packed and packed[:2], a_rows=a_rows,
+                                      names=("gate", "up"), buffers=buffers)
+        act = intermediate(buffers, "act", (layout.n_rows, inter), "bfloat16", queue)
+        activate(gate, up, act)
+        (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:],
+                                     names=("down",), buffers=buffers)
+    else:
+        gate_w, up_w, down_w = experts.float32()
+        rows, a_rows = token_rows("float32")
+        if host:
+            gate, up = expert_matmul_host(rows, (gate_w, up_w), layout, a_rows=a_rows,
+                                          names=("gate", "up"), buffers=buffers)
+            activate(gate, up, gate)
+            (down,) = expert_matmul_host(gate, (down_w,), layout, names=("down",),
+                                         buffers=buffers)
+        else:
+            gate, up = expert_matmul(rows, (gate_w, up_w), layout)
+            activate(gate, up, gate)
+            (down,) = expert_matmul(gate, (down_w,), layout)
+    weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
+                 renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)

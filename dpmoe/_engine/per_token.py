@@ -1,0 +1,60 @@
+"""The per-token path: block GEMVs that read each routed expert's weights in place.
+
+Slots routed to the same expert are grouped into blocks of PER_TOKEN_BLOCK slots, so an
+expert's weights are read once per block; the gate/up GEMV writes split-K partials, a
+kernel sums them and applies the activation, the down GEMV writes its partials, and the
+reduction kernel sums those per token in slot order (batch invariant: a token's bits do
+not depend on the other tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..arrays import empty, flat
+from ..device import dpnp
+from ..kernels.sizes import splits
+from ..pages import upload
+from .experts import ExpertOptions, ExpertWeights
+from .metadata import plan_blocks
+from .plan import PER_TOKEN_BLOCK, ExecutionPlan
+from .reduce import weighted_sum
+
+
+def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights,
+                  weights: Any, ids: Any, top_k: int, renormalize: bool, out: Any,
+                  out_kind: str, options: ExpertOptions, buffers: Any) -> None:
+    """One chunk, arguments as :func:`dpmoe._engine.grouped.run_grouped` (no workspace)."""
+    from ..kernels.gemv import make_block_gemv_kernel, make_finish_gate_up_kernel
+
+    num_experts, hidden, inter = experts.shape
+    queue = x.sycl_queue
+    n_slots = ids.shape[0]
+    ids_host = dpnp.asnumpy(ids)
+    shared = np.bincount(ids_host[ids_host >= 0], minlength=num_experts).max(initial=0) > 1
+    block = PER_TOKEN_BLOCK if shared else 1
+    meta, n_pos, n_blocks = plan_blocks(ids_host, num_experts, block)
+    meta = upload(meta, queue)
+    slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
+    row_of_slot = meta[n_pos + n_blocks:]
+    (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
+    if n_pos == 0:  # every slot's expert lives on another device
+        weighted_sum(empty((1,), "float32", queue), "float32", row_of_slot, weights, ids, out,
+                     out_kind, top_k, renormalize, scale=options.scale)
+        return
+
+    partial = empty((splits(hidden) * n_pos * 2 * inter,), "float32", queue)
+    make_block_gemv_kernel(x_kind, experts.kind, block, cols_gu, True, True)(
+        flat(x), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
+    act = empty((n_pos * inter,), "float32", queue)
+    make_finish_gate_up_kernel(options.activation, options.bias_kind)(
+        partial, act, inter, hidden, n_pos, block, block_expert, options)
+
+    partial = empty((splits(inter) * n_pos * hidden,), "float32", queue)
+    make_block_gemv_kernel("float32", experts.kind, block, cols_d, False, False)(
+        act, down, down, slot_of_pos, block_expert, partial, inter, hidden, top_k, n_slots)
+    weighted_sum(partial, "float32", row_of_slot, weights, ids, out, out_kind, top_k, renormalize,
+                 options.down_bias, options.down_bias_kind, n_parts=splits(inter), part_rows=n_pos,
+                 scale=options.scale)

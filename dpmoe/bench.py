@@ -1,48 +1,79 @@
 """``python -m dpmoe.bench``: dpmoe against its baselines, side by side, in one run.
 
-For each (config, dtype, tokens) point, after a warm-up, the median of ``--repeats`` runs of:
-dpmoe (both execution paths; the faster is reported, with its name), the NumPy reference
-(small T only), a naive dpnp per-expert loop, and PyTorch on the CPU (a per-expert masked
-loop and a sorted/grouped loop, the better reported) when torch is installed (``pip install
-"dpmoe[bench]"``). Two limits are measured on the spot: read bandwidth (the best of a dpnp
-and a torch sum over 512 MiB) and dense GEMM throughput (``dpnp.matmul`` of one batch with
-the same FLOPs). Prints a table, writes JSON, and with ``--plot`` a PNG of speed-ups.
-``--test silu|align|routing`` times one stage on its own; ``--test overhead`` the host cost
-of a call (:func:`bench_overhead`; meant for the ``tiny`` config).
+For each (config, dtype, tokens) point, after two warm-up calls, ``--repeats`` timed calls
+of: dpmoe's experts on given routing (``MoELayer.experts``, weights resident on the
+device, each execution path; the faster is reported with its name, next to the path
+``layer.plan`` picks on its own), the NumPy reference (T <= 16, at most 3 calls), a naive
+dpnp per-expert loop, and PyTorch on the CPU (a per-expert masked loop and a sorted/grouped
+loop, the better reported) when torch is installed (``pip install "dpmoe[bench]"``). Each
+call routes the tokens differently. Every time is the median over the calls with its
+spread: ``median (min-max)`` in ms in the table; the JSON keeps every sample and quartile.
+
+Two limits are probed before the first point, between points and after the last, the best
+probe kept: read bandwidth (a dpnp and a torch sum over 512 MiB) and dense GEMM throughput
+(``dpnp.matmul``, oneMKL's host GEMMs and ``torch.matmul`` on one batch of 34 GFLOP).
+``roofline_pct`` is the time those limits allow over the time measured; a point faster
+than the limits allow (weights served from cache, or no probe reached the device's peak)
+is reported as 100 with ``limit_exceeded`` and a note, never above 100.
+
+Prints a table, writes JSON and, with ``--plot``, a PNG of the times of every variant, and
+says where. ``--test silu|align|routing`` times one stage on its own, ``--test overhead``
+the host cost of a call (meant for ``--config tiny``), and ``--tune`` measures both paths
+per token count and writes a tuned config where dpmoe reads it
+(``dpmoe.tuning.user_config_dir()``, before the configs shipped in the package).
 
 Examples::
 
-    python -m dpmoe.bench --config mixtral-small --tokens 1 16 --dtype bfloat16
+    python -m dpmoe.bench --config mixtral-small --tokens 1 16 --dtype bfloat16 --plot
     python -m dpmoe.bench --test silu
     python -m dpmoe.bench --test overhead --config tiny --tokens 1
+    python -m dpmoe.bench --tune --config olmoe --tokens 1 4 16 64 256 1024
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
+import textwrap
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from . import info, reference
-from .arrays import HOST_DTYPE, to_device
-from .configs import MODEL_CONFIGS
-from .device import default_queue, dpnp
+from .configs import MODEL_CONFIGS, describe
+from .tuning import DefaultConfigWarning
 
+HOST_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+TESTS = ("moe", "silu", "align", "routing", "overhead")
+PATHS = ("grouped", "per_token")
+WARMUP = 2
 REFERENCE_MAX_TOKENS = 16
+REFERENCE_MAX_REPEATS = 3  # the reference takes up to a second a call
+OVERHEAD_MIN_REPEATS = 100  # microsecond-scale timings: many more samples
 # Each timed call routes the tokens differently (a new draw of logits), so a decode step
 # reads weights from memory, not from a last-level cache that still holds the previous
 # call's experts (the CPU's cache can hold a whole expert of the smaller configs).
 ROUTINGS = 8
 # The per-token path re-reads an expert's weights per block of 4 slots: beyond this many
-# tokens it cannot win, so neither the benchmark nor the tuner spends time measuring it.
+# tokens it cannot win, so neither the benchmark nor the tuner spends time measuring it
+# (unless the layer's plan picks it).
 TUNE_PER_TOKEN_MAX_TOKENS = 256
+READ_PROBE_BYTES = 512 << 20
+GEMM_PROBE = (8, 1024, 2048, 1024)  # batch, M, K, N
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+# ---------------------------------------------------------------------------- timing
+
+
+def sample_times(fn: Callable[[], Any], repeats: int, warmup: int = WARMUP) -> list[float]:
+    """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -50,71 +81,29 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return torch
+def summary(seconds: list[float]) -> dict[str, Any]:
+    """Median, min, max, quartiles and every sample of a timing, in ms."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {"median": float(median), "min": float(ms.min()), "max": float(ms.max()),
+            "q1": float(q1), "q3": float(q3), "n": int(ms.size),
+            "samples": [float(v) for v in ms]}
 
 
-def measure_limits(repeats: int) -> dict[str, float]:
-    """Read bandwidth (GB/s) and dense float32 GEMM throughput (GFLOP/s), measured now."""
-    n = (512 << 20) // 4
-    big = dpnp.ones(n, dtype=np.float32)
-    bandwidth = n * 4 / median_time(lambda: float(dpnp.sum(big)), repeats) / 1e9
-    torch = _torch()
-    if torch is not None:
-        t_big = torch.ones(n, dtype=torch.float32)
-        bandwidth = max(bandwidth, n * 4 / median_time(lambda: float(t_big.sum()), repeats) / 1e9)
-    a = dpnp.ones((8, 1024, 2048), dtype=np.float32)
-    b = dpnp.ones((8, 2048, 1024), dtype=np.float32)
-    flops = 2 * 8 * 1024 * 2048 * 1024
-    limits = {"read_GBps": bandwidth,
-              "gemm_GFLOPs": flops / median_time(lambda: dpnp.matmul(a, b).sum(), repeats) / 1e9}
-    from . import onemkl_host
-
-    if onemkl_host.available(a.sycl_queue):  # the host GEMMs dpmoe uses, on the same shapes
-        c32 = dpnp.empty((8 * 1024, 1024), dtype=np.float32)
-        segments = [(e, e * 1024, 1024) for e in range(8)]
-        limits["gemm_host_GFLOPs"] = flops / median_time(
-            lambda: onemkl_host.gemm_batch(a, [(b, c32)], segments, 1024, 2048), repeats) / 1e9
-        a16 = dpnp.zeros((1024, 2048), dtype=np.uint16)
-        b16 = dpnp.zeros((8, 2048, 1024), dtype=np.uint16)
-        c = dpnp.empty((1024, 1024), dtype=np.float32)
-
-        def bf16_batch():
-            for e in range(8):
-                onemkl_host.gemm(a16, 0, b16, e * 2048 * 1024, c, 0, 1024, 1024, 2048)
-
-        limits["gemm_bf16_GFLOPs"] = flops / median_time(bf16_batch, repeats) / 1e9
-    return limits
+def record(row: dict, column: str, seconds: list[float]) -> float:
+    """``row[column]`` = the median in ms; ``row["stats"][column]`` = :func:`summary`."""
+    stats = summary(seconds)
+    row[column] = stats["median"]
+    row.setdefault("stats", {})[column] = stats
+    return stats["median"]
 
 
-def make_problem(config: str, dtype: str, num_tokens: int, seed: int = 0) -> dict[str, Any]:
-    hidden, inter, experts, top_k = MODEL_CONFIGS[config]
-    rng = np.random.default_rng(seed)
-    host = HOST_DTYPE[dtype]
-
-    def normal(shape, scale):
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(host)
-
-    routings = [reference.topk_softmax(rng.standard_normal((num_tokens, experts), dtype=np.float32),
-                                       top_k, renormalize=True) for _ in range(ROUTINGS)]
-    return {
-        "x": normal((num_tokens, hidden), 1.0),
-        "gate": normal((experts, hidden, inter), hidden**-0.5),
-        "up": normal((experts, hidden, inter), hidden**-0.5),
-        "down": normal((experts, inter, hidden), inter**-0.5),
-        "routings": routings,
-        "weights": routings[0][0],
-        "ids": routings[0][1],
-        "top_k": top_k,
-    }
+def copy_stats(row: dict, column: str, source: str) -> None:
+    row[column] = row[source]
+    row["stats"][column] = row["stats"][source]
 
 
 class Rotating:
@@ -128,8 +117,254 @@ class Rotating:
         return self.fn(*self.sets[self.i])
 
 
+# ---------------------------------------------------------------------------- devices
+
+
+def _dpnp() -> Any:
+    import dpnp
+
+    return dpnp
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def upload(a: np.ndarray, queue: Any) -> Any:
+    """A NumPy array as the dpnp array dpmoe takes (bfloat16 as uint16 bits)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == HOST_DTYPE["bfloat16"]:
+        a = a.view(np.uint16)
+    return _dpnp().asarray(a, sycl_queue=queue)
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's ``model name``, ``cpu family`` and ``model`` in /proc/cpuinfo."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in found:
+                    found[key] = value.strip()
+                if not line.strip() and found:
+                    break
+    except OSError:
+        pass
+    return found
+
+
+def machine_description(device_name: str, filter_string: str = "") -> str:
+    """The device's name and filter string, and for CPU devices the host CPU as
+    /proc/cpuinfo names it (model name when it differs, family and model numbers)."""
+    text = device_name + (f" ({filter_string})" if filter_string else "")
+    cpu = cpu_info()
+    if cpu and ("cpu" in filter_string or not filter_string):
+        model = cpu.get("model name", "")
+        ids = " ".join(f"{k} {cpu[k]}" for k in ("cpu family", "model") if k in cpu)
+        host = [model if model != device_name else "", ids, f"{os.cpu_count()} logical CPUs"]
+        text += "; host CPU: " + ", ".join(h for h in host if h)
+    return text
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+class Limits:
+    """Read bandwidth (GB/s) and dense GEMM throughput (GFLOP/s), the best of every probe.
+
+    :meth:`probe` runs each probe once more (twice the first time, after a warm-up); the
+    benchmark calls it before its first point, between points and after its last, so the
+    limits are the best the device showed during the run, interleaved with the work.
+    """
+
+    def __init__(self, queue: Any, dtypes: list[str], torch: Any = None) -> None:
+        dpnp = _dpnp()
+        self.best: dict[str, float] = {}
+        self.samples: dict[str, list[float]] = {}
+        self.rounds = 0
+        self._probes: dict[str, tuple[Callable[[], Any], float]] = {}  # name: (fn, G per call)
+        n = READ_PROBE_BYTES // 4
+        big = dpnp.ones(n, dtype=np.float32, sycl_queue=queue)
+        self._probes["read_dpnp_GBps"] = (lambda: float(dpnp.sum(big)), n * 4 / 1e9)
+        batch, m, k, n_ = GEMM_PROBE
+        gflop = 2 * batch * m * k * n_ / 1e9
+        a = dpnp.ones((batch, m, k), dtype=np.float32, sycl_queue=queue)
+        b = dpnp.ones((batch, k, n_), dtype=np.float32, sycl_queue=queue)
+        self._probes["gemm_dpnp_GFLOPs"] = (lambda: dpnp.matmul(a, b).sum(), gflop)
+        self._add_host_gemms(queue, a, b, "bfloat16" in dtypes, gflop)
+        if torch is not None:
+            t_big = torch.ones(n, dtype=torch.float32)
+            self._probes["read_torch_GBps"] = (lambda: float(t_big.sum()), n * 4 / 1e9)
+            ta, tb = torch.ones(batch, m, k), torch.ones(batch, k, n_)
+            self._probes["gemm_torch_GFLOPs"] = (lambda: torch.matmul(ta, tb), gflop)
+            if "bfloat16" in dtypes:
+                ta16, tb16 = ta.to(torch.bfloat16), tb.to(torch.bfloat16)
+                self._probes["gemm_bf16_torch_GFLOPs"] = (lambda: torch.matmul(ta16, tb16), gflop)
+
+    def _add_host_gemms(self, queue: Any, a: Any, b: Any, bf16: bool, gflop: float) -> None:
+        """oneMKL's host GEMMs, which dpmoe's grouped path runs on CPU devices."""
+        try:
+            from . import onemkl_host
+        except ImportError:
+            return
+        if not onemkl_host.available(queue):
+            return
+        dpnp = _dpnp()
+        batch, m, k, n = GEMM_PROBE
+        c32 = dpnp.empty((batch * m, n), dtype=np.float32, sycl_queue=queue)
+        segments = [(e, e * m, m) for e in range(batch)]
+        self._probes["gemm_host_GFLOPs"] = (
+            lambda: onemkl_host.gemm_batch(a, [(b, c32)], segments, n, k), gflop)
+        if not bf16:
+            return
+        a16 = dpnp.zeros((m, k), dtype=np.uint16, sycl_queue=queue)
+        b16 = dpnp.zeros((batch, k, n), dtype=np.uint16, sycl_queue=queue)
+        c = dpnp.empty((m, n), dtype=np.float32, sycl_queue=queue)
+
+        def bf16_batch() -> None:
+            for e in range(batch):
+                onemkl_host.gemm(a16, 0, b16, e * k * n, c, 0, m, n, k)
+
+        self._probes["gemm_bf16_host_GFLOPs"] = (bf16_batch, gflop)
+        if hasattr(onemkl_host, "pack"):  # how dpmoe keeps a layer's bf16 weights
+            packed = [onemkl_host.pack(b16, e * k * n, n, k) for e in range(batch)]
+
+            def bf16_packed() -> None:
+                for p in packed:
+                    onemkl_host.gemm_packed(a16, 0, p, c, 0, m, n, k)
+
+            self._probes["gemm_bf16_packed_GFLOPs"] = (bf16_packed, gflop)
+
+    def probe(self) -> None:
+        first = self.rounds == 0
+        for name, (fn, amount) in self._probes.items():
+            for seconds in sample_times(fn, 2 if first else 1, warmup=1 if first else 0):
+                rate = amount / seconds
+                self.samples.setdefault(name, []).append(rate)
+                self.best[name] = max(self.best.get(name, 0.0), rate)
+        self.rounds += 1
+
+    @property
+    def read_GBps(self) -> float:
+        return max(v for k, v in self.best.items() if k.startswith("read_"))
+
+    def gemm_GFLOPs(self, dtype: str) -> float:
+        """The fastest dense GEMM measured in ``dtype`` (float32 for float16: dpmoe computes
+        16-bit float weights in float32 unless oneMKL's host bf16 GEMM takes them)."""
+        bf16 = [v for k, v in self.best.items() if k.startswith("gemm_bf16_")]
+        if dtype == "bfloat16" and bf16:
+            return max(bf16)
+        return max(v for k, v in self.best.items()
+                   if k.startswith("gemm_") and not k.startswith("gemm_bf16_"))
+
+    def as_dict(self, dtypes: list[str]) -> dict[str, float]:
+        out = dict(self.best)
+        out["read_GBps"] = self.read_GBps
+        for dtype in dtypes:
+            out[f"gemm_{dtype}_GFLOPs"] = self.gemm_GFLOPs(dtype)
+        return out
+
+    def apply(self, row: dict) -> None:
+        """Adds :func:`roofline`'s columns to a moe row."""
+        row.update(roofline(row["dpmoe_ms"] / 1e3, row["weight_bytes"], row["flops"],
+                            self.read_GBps, self.gemm_GFLOPs(row["dtype"])))
+
+
+def roofline(seconds: float, weight_bytes: float, flops: float, read_GBps: float,
+             gemm_GFLOPs: float) -> dict[str, Any]:
+    """GB/s, GFLOP/s and ``roofline_pct``: the time the limits allow (reading the weights
+    once, or the GEMMs' FLOPs, whichever takes longer) over ``seconds``, in percent. A call
+    faster than the limits allow gets ``roofline_pct`` 100 and ``limit_exceeded`` True
+    (``roofline_pct_measured`` keeps the uncapped value): never a silent value above 100."""
+    memory = weight_bytes / (read_GBps * 1e9)
+    compute = flops / (gemm_GFLOPs * 1e9)
+    pct = 100 * max(memory, compute) / seconds
+    return {"GBps": weight_bytes / seconds / 1e9, "GFLOPs": flops / seconds / 1e9,
+            "roofline_bound": "memory" if memory >= compute else "compute",
+            "roofline_pct_measured": pct, "limit_exceeded": pct > 100,
+            "roofline_pct": min(pct, 100.0)}
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def make_weights(config: str, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """gate/up [E, H, I], down [E, I, H] and router [H, E] (float32) on the host."""
+    hidden, inter, experts, _ = MODEL_CONFIGS[config]
+    rng = np.random.default_rng(seed)
+    host = HOST_DTYPE[dtype]
+
+    def normal(shape: tuple[int, ...], scale: float) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(host)
+
+    return {"gate": normal((experts, hidden, inter), hidden**-0.5),
+            "up": normal((experts, hidden, inter), hidden**-0.5),
+            "down": normal((experts, inter, hidden), inter**-0.5),
+            "router": rng.standard_normal((hidden, experts), dtype=np.float32) * hidden**-0.5}
+
+
+def make_inputs(config: str, dtype: str, num_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """x [T, H] and :data:`ROUTINGS` draws of (topk_weights, topk_ids) on the host."""
+    hidden, _, experts, top_k = MODEL_CONFIGS[config]
+    rng = np.random.default_rng([seed, num_tokens])
+    routings = [reference.topk_softmax(rng.standard_normal((num_tokens, experts), dtype=np.float32),
+                                       top_k, renormalize=True) for _ in range(ROUTINGS)]
+    x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(HOST_DTYPE[dtype])
+    return {"x": x, "routings": routings, "weights": routings[0][0], "ids": routings[0][1],
+            "top_k": top_k}
+
+
+class Workload:
+    """One (config, dtype): host weights and a ``MoELayer`` holding them on the device,
+    built once and reused for every token count (as a served model would)."""
+
+    def __init__(self, config: str, dtype: str) -> None:
+        from . import MoELayer
+
+        self.config, self.dtype = config, dtype
+        self.hidden, self.inter, self.experts, self.top_k = MODEL_CONFIGS[config]
+        self.weights = make_weights(config, dtype)
+        w = self.weights
+        self.layer = MoELayer.from_numpy(w["router"], w["gate"], w["up"], w["down"],
+                                         top_k=self.top_k, renormalize=False)
+        self.queue = self.layer.queue
+        self._torch_weights = None
+
+    def device_inputs(self, p: dict) -> tuple[Any, list[tuple[Any, Any]]]:
+        x = upload(p["x"], self.queue)
+        routings = [(upload(w, self.queue), upload(i, self.queue)) for w, i in p["routings"]]
+        return x, routings
+
+    def experts_call(self, x: Any, routings: list, path: str) -> Rotating:
+        """``layer.experts`` on device arrays along ``path``, waited for, routing rotated."""
+        layer, queue = self.layer, self.queue
+
+        def run(w: Any, i: Any) -> None:
+            layer.experts(x, w, i, path=path)
+            queue.wait()
+
+        return Rotating(run, routings)
+
+    def plan(self, num_tokens: int) -> Any:
+        return self.layer.plan(num_tokens)
+
+    def torch_weights(self, torch: Any) -> list:
+        if self._torch_weights is None:
+            tdt = getattr(torch, self.dtype)
+            self._torch_weights = [torch.from_numpy(self.weights[k].astype(np.float32)).to(tdt)
+                                   for k in ("gate", "up", "down")]
+        return self._torch_weights
+
+
 def naive_dpnp(x, gate, up, down, weights, ids_host, top_k):
     """The obvious dpnp program: per expert, take its tokens, three matmuls, scatter back."""
+    dpnp = _dpnp()
     out = dpnp.zeros(x.shape, dtype=np.float32, sycl_queue=x.sycl_queue)
     for e in np.unique(ids_host):
         tokens, slots = np.nonzero(ids_host == e)
@@ -143,11 +378,13 @@ def naive_dpnp(x, gate, up, down, weights, ids_host, top_k):
     return out
 
 
-def time_naive_dpnp(p: dict, queue: Any, repeats: int) -> float:
+def time_naive_dpnp(work: Workload, p: dict, repeats: int) -> list[float]:
     """The naive loop on float32 device copies (dpnp has no bfloat16), freed on return."""
-    f32 = [dpnp.asarray(a.astype(np.float32), sycl_queue=queue) for a in (p["gate"], p["up"], p["down"])]
-    x32 = dpnp.asarray(p["x"].astype(np.float32), sycl_queue=queue)
-    return median_time(Rotating(
+    dpnp = _dpnp()
+    f32 = [dpnp.asarray(work.weights[k].astype(np.float32), sycl_queue=work.queue)
+           for k in ("gate", "up", "down")]
+    x32 = dpnp.asarray(p["x"].astype(np.float32), sycl_queue=work.queue)
+    return sample_times(Rotating(
         lambda w, i: naive_dpnp(x32, *f32, w, i, p["top_k"]).asnumpy(), p["routings"]), repeats)
 
 
@@ -182,243 +419,449 @@ def torch_variants(torch, x, gate, up, down, weights, ids):
     return {"torch-masked": masked, "torch-grouped": grouped}
 
 
-def bench_moe(config: str, dtype: str, num_tokens: int, limits: dict, repeats: int) -> dict:
-    from .fused_moe import ExpertWeights, run_on_device
+def _plan_columns(row: dict, plan: Any) -> None:
+    row["plan"] = plan.path
+    row["dpmoe_plan"] = str(plan)
+    row["plan_source"] = getattr(plan, "source", "")
 
-    queue, _ = default_queue()
-    p = make_problem(config, dtype, num_tokens)
-    hidden, inter, experts, top_k = MODEL_CONFIGS[config]
-    kind = dtype
-    experts_w = ExpertWeights(p["gate"], p["up"], p["down"], kind, queue, persistent=True)
-    x = to_device(p["x"], queue)
-    device_routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
-                       for w, i in p["routings"]]
-    row = {"test": "moe", "config": config, "dtype": dtype, "tokens": num_tokens}
-    times = {}
-    for name, grouped in (("grouped", True), ("per-token", False)):
-        if not grouped and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS:
+
+def bench_moe(work: Workload, num_tokens: int, repeats: int, torch: Any = None) -> dict:
+    """One point: dpmoe's paths and every baseline on the same inputs (see the module doc).
+    GB/s, GFLOP/s and the roofline are added by :meth:`Limits.apply`."""
+    config, dtype, top_k = work.config, work.dtype, work.top_k
+    p = make_inputs(config, dtype, num_tokens)
+    x, routings = work.device_inputs(p)
+    row: dict[str, Any] = {"test": "moe", "config": config, "dtype": dtype, "tokens": num_tokens}
+    plan = work.plan(num_tokens)
+    _plan_columns(row, plan)
+    medians = {}
+    for path in PATHS:
+        if path == "per_token" and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS and plan.path != path:
             continue
-        run = Rotating(lambda w, i: run_on_device(x, kind, experts_w, w, i, top_k, False, grouped),
-                       device_routings)
-        times[name] = median_time(run, repeats)
-    row["dpmoe_path"] = min(times, key=times.get)
-    row["dpmoe_ms"] = times[row["dpmoe_path"]] * 1e3
-    row.update({f"dpmoe_{k}_ms": v * 1e3 for k, v in times.items()})
+        medians[path] = record(row, f"{path}_ms", sample_times(
+            work.experts_call(x, routings, path), repeats))
+    row["dpmoe_path"] = min(medians, key=medians.get)
+    copy_stats(row, "dpmoe_ms", f"{row['dpmoe_path']}_ms")
     if num_tokens <= REFERENCE_MAX_TOKENS:
-        row["reference_ms"] = 1e3 * median_time(lambda: reference.fused_moe_forward(
-            p["x"], p["gate"], p["up"], p["down"], p["weights"], p["ids"], top_k, False), 1, 0)
-    row["naive_dpnp_ms"] = 1e3 * time_naive_dpnp(p, queue, repeats)
-    torch = _torch()
+        w = work.weights
+        record(row, "reference_ms", sample_times(Rotating(
+            lambda tw, ti: reference.fused_moe_forward(p["x"], w["gate"], w["up"], w["down"],
+                                                       tw, ti, top_k, False),
+            p["routings"]), min(repeats, REFERENCE_MAX_REPEATS), warmup=0))
+    record(row, "naive_dpnp_ms", time_naive_dpnp(work, p, repeats))
     if torch is not None:
-        tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        tw = [torch.from_numpy(a.astype(np.float32)).to(tdt) for a in (p["gate"], p["up"], p["down"])]
-        tx = torch.from_numpy(p["x"].astype(np.float32)).to(tdt)
-        sets = [(torch.from_numpy(w), torch.from_numpy(i.astype(np.int64))) for w, i in p["routings"]]
-        ttimes = {}
+        tw = work.torch_weights(torch)
+        tx = torch.from_numpy(p["x"].astype(np.float32)).to(getattr(torch, dtype))
+        sets = [(torch.from_numpy(w), torch.from_numpy(i.astype(np.int64)))
+                for w, i in p["routings"]]
         with torch.inference_mode():
             for name in ("torch-masked", "torch-grouped"):
-                ttimes[name] = median_time(Rotating(
-                    lambda w, i, name=name: torch_variants(torch, tx, *tw, w, i)[name](), sets), repeats)
-        row["torch_best"] = min(ttimes, key=ttimes.get)
-        row["torch_ms"] = ttimes[row["torch_best"]] * 1e3
+                record(row, name.replace("-", "_") + "_ms", sample_times(Rotating(
+                    lambda w, i, name=name: torch_variants(torch, tx, *tw, w, i)[name](), sets),
+                    repeats))
+        row["torch_best"] = min(("torch-masked", "torch-grouped"),
+                                key=lambda n: row[n.replace("-", "_") + "_ms"])
+        copy_stats(row, "torch_ms", row["torch_best"].replace("-", "_") + "_ms")
         row["speedup_vs_torch"] = row["torch_ms"] / row["dpmoe_ms"]
-    itemsize = np.dtype(HOST_DTYPE[dtype]).itemsize
-    distinct = statistics.mean(len(np.unique(i)) for _, i in p["routings"])
-    touched = distinct * 3 * hidden * inter * itemsize
-    flops = 2 * 3 * num_tokens * top_k * hidden * inter
-    seconds = row["dpmoe_ms"] / 1e3
-    row["GBps"] = touched / seconds / 1e9
-    row["GFLOPs"] = flops / seconds / 1e9
-    # the best dense GEMM the device offers in the weights' dtype (float32: dpnp.matmul or,
-    # on CPU devices, oneMKL's host batch GEMM, whichever was faster just now)
-    gemm_limit = limits.get("gemm_bf16_GFLOPs") if dtype == "bfloat16" else None
-    gemm_limit = gemm_limit or max(limits["gemm_GFLOPs"], limits.get("gemm_host_GFLOPs", 0.0))
-    roofline = max(touched / (limits["read_GBps"] * 1e9), flops / (gemm_limit * 1e9))
-    row["roofline_pct"] = 100 * roofline / seconds
+    itemsize = HOST_DTYPE[dtype].itemsize
+    distinct = float(np.mean([len(np.unique(i)) for _, i in p["routings"]]))
+    row["weight_bytes"] = distinct * 3 * work.hidden * work.inter * itemsize
+    row["flops"] = 2 * 3 * num_tokens * top_k * work.hidden * work.inter
     return row
 
 
-def bench_overhead(config: str, dtype: str, num_tokens: int, repeats: int) -> dict:
+def bench_overhead(work: Workload, num_tokens: int, repeats: int) -> dict:
     """What a call costs beyond its kernels' work, on a config whose kernels do almost
-    nothing (``tiny``): the forward on device arrays by each path, and a whole ``MoELayer``
-    call with NumPy in and out (upload, router, routing, forward, download) as dpmoe_ms."""
-    from .fused_moe import ExpertWeights, run_on_device
-    from .layer import MoELayer
-
-    queue, _ = default_queue()
-    p = make_problem(config, dtype, num_tokens)
-    hidden, _, experts, top_k = MODEL_CONFIGS[config]
-    repeats = max(repeats, 100)  # microsecond-scale timings: many more samples
-    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, persistent=True)
-    x = to_device(p["x"], queue)
-    routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
-                for w, i in p["routings"]]
-    row = {"test": "overhead", "config": config, "dtype": dtype, "tokens": num_tokens}
-    for name, grouped in (("grouped", True), ("per_token", False)):
-        row[f"{name}_ms"] = 1e3 * median_time(Rotating(
-            lambda w, i: run_on_device(x, dtype, weights, w, i, top_k, False, grouped),
-            routings), repeats)
-    router = np.random.default_rng(1).standard_normal((hidden, experts), dtype=np.float32)
-    layer = MoELayer.from_numpy(router, p["gate"], p["up"], p["down"], top_k=top_k)
-    row["dpmoe_ms"] = 1e3 * median_time(lambda: layer(p["x"]), repeats)
+    nothing (``tiny``): ``layer.experts`` on device arrays by each path, and a whole
+    ``MoELayer`` call with NumPy in and out (upload, router, routing, experts, download)
+    as dpmoe_ms."""
+    p = make_inputs(work.config, work.dtype, num_tokens)
+    x, routings = work.device_inputs(p)
+    repeats = max(repeats, OVERHEAD_MIN_REPEATS)
+    row: dict[str, Any] = {"test": "overhead", "config": work.config, "dtype": work.dtype,
+                           "tokens": num_tokens}
+    _plan_columns(row, work.plan(num_tokens))
+    for path in PATHS:
+        record(row, f"{path}_ms", sample_times(work.experts_call(x, routings, path), repeats))
+    record(row, "dpmoe_ms", sample_times(lambda: work.layer(p["x"]), repeats))
     return row
 
 
-def tune(config: str, dtype: str, token_counts: list[int], repeats: int, directory: str | None) -> str:
-    """Measure both paths at each token count; save the faster through tuning's naming."""
-    from .fused_moe import ExpertWeights, run_on_device
-    from .tuning import TUNED_DIR, save_configs
+def tune(config: str, dtype: str, token_counts: list[int], repeats: int,
+         directory: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Measure both paths at each token count; save the faster per count through
+    :func:`dpmoe.tuning.save_configs` (default folder: ``dpmoe.tuning.user_config_dir()``).
+    Returns the file's absolute path."""
+    from . import tuning
 
-    queue, _ = default_queue()
-    hidden, inter, experts, top_k = MODEL_CONFIGS[config]
+    work = Workload(config, dtype)
     choices = {}
-    p = make_problem(config, dtype, 1)
-    weights = ExpertWeights(p["gate"], p["up"], p["down"], dtype, queue, persistent=True)
     for num_tokens in token_counts:
-        p = make_problem(config, dtype, num_tokens)
-        x = to_device(p["x"], queue)
-        routings = [(dpnp.asarray(w, sycl_queue=queue), dpnp.asarray(i, sycl_queue=queue))
-                    for w, i in p["routings"]]
-        times = {}
-        for path in ("grouped", "per-token"):
-            if path == "per-token" and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS:
+        p = make_inputs(config, dtype, num_tokens)
+        x, routings = work.device_inputs(p)
+        stats = {}
+        for path in PATHS:
+            if path == "per_token" and num_tokens > TUNE_PER_TOKEN_MAX_TOKENS:
                 continue
-            grouped = path == "grouped"
-            times[path] = median_time(Rotating(
-                lambda w, i: run_on_device(x, dtype, weights, w, i, top_k, False, grouped),
-                routings), repeats)
-        best = min(times, key=times.get)
-        choices[num_tokens] = {"path": best, "ms": {k: round(v * 1e3, 3) for k, v in times.items()}}
-    path = save_configs(choices, experts, inter, dtype, queue.sycl_device.name,
-                        directory or TUNED_DIR)
-    return str(path)
+            stats[path] = summary(sample_times(work.experts_call(x, routings, path), repeats))
+        best = min(stats, key=lambda k: stats[k]["median"])
+        choices[num_tokens] = {
+            "path": best,
+            "ms": {k: round(s["median"], 3) for k, s in stats.items()},  # medians
+            "ms_min_max": {k: f"{s['min']:.3f}-{s['max']:.3f}" for k, s in stats.items()}}
+        log(f"  {config} {dtype} T={num_tokens}: "
+            + ", ".join(f"{k} {format_spread(s)} ms" for k, s in stats.items()) + f" -> {best}")
+    path = tuning.save_configs(choices, work.experts, work.inter, dtype,
+                               work.queue.sycl_device.name, directory)
+    return Path(path).resolve()
 
 
-def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: int) -> dict:
+def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: int,
+                 torch: Any = None) -> dict:
     """Micro-benchmarks of one stage: silu, align or routing."""
     from . import moe_align_block_size, silu_and_mul, topk_softmax
+    from .device import default_queue
 
     queue, _ = default_queue()
     hidden, inter, experts, top_k = MODEL_CONFIGS[config]
     rng = np.random.default_rng(0)
-    row = {"test": test, "config": config, "dtype": dtype, "tokens": num_tokens}
-    torch = _torch()
+    row: dict[str, Any] = {"test": test, "config": config, "dtype": dtype, "tokens": num_tokens}
     if test == "silu":
-        h = rng.standard_normal((num_tokens * top_k, 2 * inter), dtype=np.float32).astype(HOST_DTYPE[dtype])
-        d = to_device(h, queue)
-        row["dpmoe_ms"] = 1e3 * median_time(lambda: silu_and_mul(d), repeats)
-        row["reference_ms"] = 1e3 * median_time(lambda: reference.silu_and_mul(h), repeats)
+        h = rng.standard_normal((num_tokens * top_k, 2 * inter), dtype=np.float32)
+        h = h.astype(HOST_DTYPE[dtype])
+        d = upload(h, queue)
+        record(row, "dpmoe_ms", sample_times(lambda: (silu_and_mul(d), queue.wait()), repeats))
+        record(row, "reference_ms", sample_times(lambda: reference.silu_and_mul(h), repeats))
         if torch is not None:
             th = torch.from_numpy(h.astype(np.float32)).to(getattr(torch, dtype))
-            row["torch_ms"] = 1e3 * median_time(
-                lambda: torch.nn.functional.silu(th[:, :inter]) * th[:, inter:], repeats)
+            record(row, "torch_ms", sample_times(
+                lambda: torch.nn.functional.silu(th[:, :inter]) * th[:, inter:], repeats))
     elif test == "align":
-        _, ids = reference.topk_softmax(rng.standard_normal((num_tokens, experts), dtype=np.float32), top_k)
-        d = dpnp.asarray(ids, sycl_queue=queue)
-        row["dpmoe_ms"] = 1e3 * median_time(lambda: moe_align_block_size(d, experts, 16), repeats)
-        row["reference_ms"] = 1e3 * median_time(lambda: reference.moe_align_block_size(ids, experts, 16), repeats)
+        logits = rng.standard_normal((num_tokens, experts), dtype=np.float32)
+        _, ids = reference.topk_softmax(logits, top_k)
+        d = upload(ids, queue)
+        record(row, "dpmoe_ms", sample_times(
+            lambda: (moe_align_block_size(d, experts, 16), queue.wait()), repeats))
+        record(row, "reference_ms", sample_times(
+            lambda: reference.moe_align_block_size(ids, experts, 16), repeats))
     elif test == "routing":
         logits = rng.standard_normal((num_tokens, experts), dtype=np.float32)
-        d = dpnp.asarray(logits, sycl_queue=queue)
-        row["dpmoe_ms"] = 1e3 * median_time(lambda: topk_softmax(d, top_k, True), repeats)
-        row["reference_ms"] = 1e3 * median_time(lambda: reference.topk_softmax(logits, top_k, True), repeats)
+        d = upload(logits, queue)
+        record(row, "dpmoe_ms", sample_times(
+            lambda: (topk_softmax(d, top_k, True), queue.wait()), repeats))
+        record(row, "reference_ms", sample_times(
+            lambda: reference.topk_softmax(logits, top_k, True), repeats))
         if torch is not None:
             tl = torch.from_numpy(logits)
-            row["torch_ms"] = 1e3 * median_time(
-                lambda: torch.topk(torch.softmax(tl, -1), top_k, -1), repeats)
+            record(row, "torch_ms", sample_times(
+                lambda: torch.topk(torch.softmax(tl, -1), top_k, -1), repeats))
+    else:
+        raise ValueError(f"unknown test {test!r}")
     if "torch_ms" in row:
         row["speedup_vs_torch"] = row["torch_ms"] / row["dpmoe_ms"]
     return row
 
 
-def _fmt(v: Any) -> str:
+# ---------------------------------------------------------------------------- output
+
+TABLE_COLUMNS = ("config", "dtype", "tokens", "plan", "dpmoe_ms", "dpmoe_path", "grouped_ms",
+                 "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms", "reference_ms",
+                 "GFLOPs", "GBps", "roofline_pct", "speedup_vs_torch")
+# the moe table reports the faster path as dpmoe_ms (the JSON and the plot keep each path)
+HIDDEN_IN_MOE_TABLE = ("grouped_ms", "per_token_ms")
+# (column, label) of the lines of the plot, dpmoe's first
+PLOT_SERIES = (("grouped_ms", "dpmoe grouped"), ("per_token_ms", "dpmoe per_token"),
+               ("dpmoe_ms", "dpmoe"), ("torch_masked_ms", "torch masked loop"),
+               ("torch_grouped_ms", "torch grouped loop"), ("torch_ms", "torch"),
+               ("naive_dpnp_ms", "naive dpnp loop"), ("reference_ms", "NumPy reference"))
+
+
+def _fmt_ms(v: float) -> str:
+    """Three significant figures (no exponent)."""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def format_spread(stats: dict) -> str:
+    return f"{_fmt_ms(stats['median'])} ({_fmt_ms(stats['min'])}-{_fmt_ms(stats['max'])})"
+
+
+def _cell(row: dict, column: str) -> str:
+    if column not in row:
+        return ""
+    v = row[column]
+    if column in row.get("stats", {}):
+        return format_spread(row["stats"][column])
+    if column == "roofline_pct":
+        return f"{v:.1f}" + ("*" if row.get("limit_exceeded") else "")
     if isinstance(v, float):
         return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], file: Any = None) -> None:
+    """A Markdown table; times as ``median (min-max)`` in ms."""
     if not rows:
         return
-    columns = [c for c in ("test", "config", "dtype", "tokens", "dpmoe_ms", "dpmoe_path",
-                           "grouped_ms", "per_token_ms",
-                           "torch_ms", "torch_best", "naive_dpnp_ms", "reference_ms", "GFLOPs",
-                           "GBps", "roofline_pct", "speedup_vs_torch") if any(c in r for r in rows)]
-    table = [columns] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    moe = all(r.get("test") == "moe" for r in rows)
+    columns = [c for c in TABLE_COLUMNS if any(c in r for r in rows)
+               and not (moe and c in HIDDEN_IN_MOE_TABLE)]
+    table = [columns] + [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for i, line in enumerate(table):
-        print("| " + " | ".join(cell.rjust(w) for cell, w in zip(line, widths)) + " |")
+        print("| " + " | ".join(cell.rjust(w) for cell, w in zip(line, widths)) + " |", file=file)
         if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: str | Path, title: str = "", device: str = "") -> Path:
+    """A PNG of the times per call (ms) against the tokens, log-log, one panel per (config,
+    dtype), one line per variant measured (median, bars from min to max). Drawn with
+    matplotlib's Agg canvas (no display, no pyplot state). Returns the absolute path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    present = [c for c, _ in PLOT_SERIES if any(c in r.get("stats", {}) for r in rows)]
+    if {"grouped_ms", "per_token_ms"} & set(present) and rows[0].get("test") == "moe":
+        present.remove("dpmoe_ms")  # the faster of the two paths: already drawn
+    if "torch_masked_ms" in present:
+        present.remove("torch_ms")
+    labels = dict(PLOT_SERIES)
+    width = max(7.5, 4.2 * len(dtypes) + 1.5)
+    fig = Figure(figsize=(width, 3.4 * len(configs) + 1.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(configs), len(dtypes), squeeze=False)
+    styles = {c: dict(color=f"C{i}", lw=2.2 if c in ("grouped_ms", "per_token_ms", "dpmoe_ms")
+                      else 1.2, marker="os^v<>Dp"[i % 8]) for i, c in enumerate(present)}
+    handles = {}
+    for (i, config), (j, dtype) in ((a, b) for a in enumerate(configs) for b in enumerate(dtypes)):
+        ax = axes[i][j]
+        points = sorted((r for r in rows if r["config"] == config and r["dtype"] == dtype),
+                        key=lambda r: r["tokens"])
+        for column in present:
+            pts = [r for r in points if column in r.get("stats", {})]
+            if not pts:
+                continue
+            s = [r["stats"][column] for r in pts]
+            med = np.array([x["median"] for x in s])
+            err = np.array([med - [x["min"] for x in s], [x["max"] for x in s] - med])
+            handles[column] = ax.errorbar([r["tokens"] for r in pts], med, yerr=err, capsize=2,
+                                          ms=4, label=labels[column], **styles[column])
+        tokens = sorted({r["tokens"] for r in points})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(tokens, [str(t) for t in tokens])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured token counts
+        ax.set_title(f"{config} ({describe(config)}), {dtype}", fontsize=9)
+        ax.set_xlabel("tokens per call (T)")
+        ax.set_ylabel("ms per call")
+        ax.grid(True, which="both", alpha=0.3)
+    lines = [line for t in (title, device) if t for line in textwrap.wrap(t, int(width * 13))]
+    fig.suptitle("\n".join(lines), fontsize=10)
+    fig.legend([handles[c] for c in present if c in handles],
+               [labels[c] for c in present if c in handles], loc="outside lower center",
+               ncol=min(4, len(handles)), fontsize=8)
+    path = Path(path).resolve()
+    fig.savefig(path, dpi=110)
+    return path
 
-    rows = [r for r in rows if "speedup_vs_torch" in r]
-    labels = [f"{r['config']}\n{r['dtype']} T={r['tokens']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["speedup_vs_torch"] for r in rows])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("speed-up vs best torch variant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+# ---------------------------------------------------------------------------- command line
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and ends every option's help with its default
+    (lists as space-separated values), like ``ArgumentDefaultsHelpFormatter``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {default})"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _user_config_dir() -> str:
+    try:
+        from .tuning import user_config_dir
+
+        return str(user_config_dir())
+    except ImportError:
+        return "the user's folder"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpmoe.bench", description=__doc__, formatter_class=_HelpFormatter,
+        epilog="configs (dpmoe/configs.py):\n" + "\n".join(
+            f"  {name:<14} {describe(name)}" for name in MODEL_CONFIGS))
+    parser.add_argument("--test", default="moe", choices=TESTS,
+                        help="what to time: moe = dpmoe's experts against the baselines; "
+                             "silu, align, routing = one stage; overhead = the host cost of a "
+                             "call, each path and a whole MoELayer call (use --config tiny)")
+    parser.add_argument("--config", nargs="+", choices=list(MODEL_CONFIGS),
+                        default=[c for c in MODEL_CONFIGS if c != "tiny"], metavar="CONFIG",
+                        help="model shapes to run, any of: " + ", ".join(MODEL_CONFIGS))
+    parser.add_argument("--tokens", nargs="+", type=_positive_int, default=[1, 16, 128, 1024],
+                        metavar="T", help="tokens per call (T), one point per count")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=list(HOST_DTYPE), metavar="DTYPE",
+                        help="weight and activation dtypes, any of: " + ", ".join(HOST_DTYPE))
+    parser.add_argument("--repeats", type=_positive_int, default=5,
+                        help=f"timed calls per measurement, after {WARMUP} warm-up calls; "
+                             "times are their median and spread (min-max in the table, all "
+                             f"samples and quartiles in the JSON); the reference makes at most "
+                             f"{REFERENCE_MAX_REPEATS}, --test overhead at least "
+                             f"{OVERHEAD_MIN_REPEATS}")
+    parser.add_argument("--json", default="bench_results.json", metavar="PATH",
+                        help="where to write the rows (every sample, medians, quartiles, the "
+                             "plan per row) and the limits")
+    parser.add_argument("--plot", nargs="?", const="bench_results.png", default=None,
+                        metavar="PNG",
+                        help="also write a PNG of the times per call of every variant (ms "
+                             "against tokens, log axes, one panel per config and dtype); "
+                             "without a value to %(const)s (default: no plot)")
+    parser.add_argument("--tune", action="store_true",
+                        help="instead of benchmarking, measure both execution paths at each "
+                             "--tokens count and write the faster per count as this device's "
+                             "tuned config for each --config and --dtype")
+    parser.add_argument("--tune-dir", default=None, metavar="DIR",
+                        help="where --tune writes (default: dpmoe.tuning.user_config_dir(), "
+                             "here " + _user_config_dir().replace("%", "%%") + ": "
+                             "DPMOE_TUNED_CONFIG_DIR if set, else the user's cache folder; "
+                             "dpmoe reads it before the configs shipped in the package)")
+    return parser
+
+
+def _progress(points: list, desc: str) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return points
+    return tqdm(points, desc=desc, file=sys.stderr)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from . import tuning
+
+    written = []
+    for config in args.config:
+        for dtype in args.dtype:
+            path = tune(config, dtype, args.tokens, args.repeats, args.tune_dir)
+            print(f"wrote tuned config: {path}")
+            written.append(path)
+    reads = Path(tuning.user_config_dir()).resolve()
+    if any(p.parent != reads for p in written):
+        print(f"note: dpmoe reads tuned configs from {reads} (dpmoe.tuning.user_config_dir(); "
+              "set DPMOE_TUNED_CONFIG_DIR to change it) and then from the package; files "
+              "written elsewhere are not read until you point DPMOE_TUNED_CONFIG_DIR there")
+    else:
+        print(f"dpmoe reads them from {reads} from now on (before the packaged configs)")
+    return 0
+
+
+def _measure(args: argparse.Namespace, work: Workload | None, config: str, dtype: str,
+             tokens: int, limits: Limits | None, torch: Any) -> dict:
+    """One point's row (``work``: the (config, dtype) workload of moe and overhead)."""
+    if args.test == "moe":
+        row = bench_moe(work, tokens, args.repeats, torch)
+        limits.probe()  # between points, and after the last
+        return row
+    if args.test == "overhead":
+        return bench_overhead(work, tokens, args.repeats)
+    return bench_kernel(args.test, config, dtype, tokens, args.repeats, torch)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpmoe.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test", default="moe",
-                        choices=["moe", "silu", "align", "routing", "overhead"])
-    parser.add_argument("--config", nargs="+", choices=sorted(MODEL_CONFIGS),
-                        default=[c for c in sorted(MODEL_CONFIGS) if c != "tiny"])
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 128, 1024])
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(HOST_DTYPE))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default="bench_results.json", help="where to write the rows")
-    parser.add_argument("--tune", action="store_true",
-                        help="measure both execution paths and write per-device configs")
-    parser.add_argument("--tune-dir", default=None, help="where --tune writes (default: the package's)")
-    parser.add_argument("--plot", nargs="?", const="bench_speedups.png", default=None,
-                        help="write a PNG chart of speed-ups vs torch")
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     about = info()
     if about["backend"] != "sycl":
         print(f"no SYCL device: {about['fallback_reason']}")
         return 1
     if args.tune:
-        for config in args.config:
-            for dtype in args.dtype:
-                print("wrote", tune(config, dtype, args.tokens, args.repeats, args.tune_dir))
-        return 0
+        return run_tune(args)
+    torch = _torch()
+    machine = machine_description(about["device"], about["filter_string"])
     points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]
-    try:
-        from tqdm import tqdm
+    limits = None
+    if args.test == "moe":
+        from .device import default_queue
 
-        points_iter = tqdm(points, desc=f"bench {args.test}")
-    except ImportError:
-        points_iter = points
-    limits = measure_limits(args.repeats) if args.test == "moe" else {}
-    rows = []
-    for config, dtype, tokens in points_iter:
-        if args.test == "moe":
-            rows.append(bench_moe(config, dtype, tokens, limits, args.repeats))
-        elif args.test == "overhead":
-            rows.append(bench_overhead(config, dtype, tokens, args.repeats))
-        else:
-            rows.append(bench_kernel(args.test, config, dtype, tokens, args.repeats))
-    print(f"device: {about['device']} ({about['filter_string']}); limits: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
+        limits = Limits(default_queue()[0], args.dtype, torch)
+        limits.probe()
+    rows: list[dict] = []
+    work: Workload | None = None
+    with warnings.catch_warnings():  # rows say where each plan came from; a note sums it up
+        warnings.simplefilter("ignore", DefaultConfigWarning)
+        for config, dtype, tokens in _progress(points, f"bench {args.test}"):
+            if args.test in ("moe", "overhead") and (
+                    work is None or (work.config, work.dtype) != (config, dtype)):
+                work = None  # free the previous layer's device memory first
+                work = Workload(config, dtype)
+            rows.append(_measure(args, work, config, dtype, tokens, limits, torch))
+    work = None
+
+    print(f"device: {machine}")
+    notes = []
+    if limits is not None:
+        for row in rows:
+            limits.apply(row)
+        print(f"limits (best of {limits.rounds} probe rounds, interleaved with the points): "
+              f"read {limits.read_GBps:.1f} GB/s; GEMM "
+              + ", ".join(f"{d} {limits.gemm_GFLOPs(d):.1f}" for d in args.dtype) + " GFLOP/s")
+        print("  probes: " + ", ".join(f"{k} {v:.1f}" for k, v in limits.best.items()))
+        exceeded = [r for r in rows if r["limit_exceeded"]]
+        if exceeded:
+            notes.append(
+                "* limit exceeded: " + ", ".join(
+                    f"{r['config']} {r['dtype']} T={r['tokens']} at "
+                    f"{r['roofline_pct_measured']:.0f}%" for r in exceeded)
+                + " of the probed limits, reported as 100: the weights were probably read from "
+                  "the last-level cache, or no probe reached the device's peak")
+    repeats = max(args.repeats, OVERHEAD_MIN_REPEATS) if args.test == "overhead" else args.repeats
+    print(f"test {args.test}: times in ms per call, median (min-max) of {repeats} calls after "
+          f"{WARMUP} warm-up calls" + (f" (reference: {min(repeats, REFERENCE_MAX_REPEATS)} "
+                                       "calls, no warm-up)" if args.test == "moe" else ""))
     print_table(rows)
-    with open(args.json, "w") as f:
-        json.dump({"device": about["device"], "limits": limits, "rows": rows}, f, indent=1)
+    untuned = sorted({(r["config"], r["dtype"]) for r in rows if r.get("plan_source") == "default"})
+    if untuned:
+        notes.append("plan: no tuned config for " + ", ".join(f"{c} {d}" for c, d in untuned)
+                     + " on this device, the default chose the path; `--tune` writes one to "
+                     + str(_user_config_dir()))
+    for note in notes:
+        print(note)
+    out = Path(args.json).resolve()
+    with open(out, "w") as f:
+        json.dump({"test": args.test, "argv": sys.argv[1:] if argv is None else list(argv),
+                   "device": about["device"], "filter_string": about["filter_string"],
+                   "machine": machine, "cpu": cpu_info(), "versions": about.get("versions"),
+                   "repeats": repeats, "warmup": WARMUP,
+                   "limits": limits.as_dict(args.dtype) if limits else {},
+                   "limit_samples": limits.samples if limits else {},
+                   "limit_probe_rounds": limits.rounds if limits else 0,
+                   "rows": rows}, f, indent=1)
+    print(f"wrote JSON: {out}")
     if args.plot:
-        plot(rows, args.plot)
+        title = (f"python -m dpmoe.bench --test {args.test}: time per call, median of {repeats} "
+                 "calls (bars: min-max)")
+        print(f"wrote plot: {plot(rows, args.plot, title, machine)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""MoE block shapes of model families people serve, scaled to what fits a workstation.
+"""MoE block shapes of model families people serve, scaled to what fits a workstation
+(the benchmark's and the demo's ``--config``; ``import dpmoe`` does not load this module).
 
 Each entry is (hidden_size H, intermediate_size I per expert, num_experts E, top_k).
 """
@@ -15,3 +16,9 @@ MODEL_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     # not a model: small enough for smoke tests of the benchmark and the demo
     "tiny": (64, 96, 4, 2),
 }
+
+
+def describe(name: str) -> str:
+    """``"H=1024 I=3584 E=8 top_k=2"`` for a config name (for the benchmark's help and plots)."""
+    hidden, inter, experts, top_k = MODEL_CONFIGS[name]
+    return f"H={hidden} I={inter} E={experts} top_k={top_k}"

@@ -87,3 +87,44 @@ def test_grouped_topk_weights_are_unbiased_and_scaled_once(rng):
 def test_routing_variants_reject(call, names):
     with pytest.raises(ValueError, match=names):
         call(np.zeros((3, 8), np.float32))
+
+
+GROUPED_BAD = [
+    # (options, what the message names): one routing spec refuses the same for every caller
+    (dict(top_k=3, num_expert_group=4, topk_group=1), "top_k"),  # 2 candidates < top_k
+    (dict(top_k=2, num_expert_group=3, topk_group=1), "num_expert_group"),  # 8 % 3
+    (dict(top_k=2, num_expert_group=4, topk_group=5), "topk_group"),
+    (dict(top_k=2, routed_scaling_factor=float("nan")), "routed_scaling_factor"),
+    (dict(top_k=2, routed_scaling_factor=1e39), "routed_scaling_factor"),  # inf in float32
+    (dict(top_k=2, routed_scaling_factor="2"), "routed_scaling_factor"),
+]
+
+
+@pytest.mark.parametrize("options, names", GROUPED_BAD)
+def test_grouped_topk_and_the_layer_refuse_the_same_routing(rng, options, names):
+    logits = normal(rng, (5, 8))
+    with pytest.raises(ValueError, match=names):
+        dpmoe.grouped_topk(logits, **_grouped_args(options))
+    gate, up, down = normal(rng, (8, 6, 4)), normal(rng, (8, 6, 4)), normal(rng, (8, 4, 6))
+    with pytest.raises(ValueError, match=names):
+        dpmoe.MoELayer.from_numpy(normal(rng, (6, 8)), gate, up, down, scoring="sigmoid",
+                                  **_grouped_args(options))
+
+
+def _grouped_args(options):
+    return dict(dict(num_expert_group=1, topk_group=1), **options)
+
+
+def test_layer_routing_is_the_public_routing(rng):
+    """MoELayer.route and grouped_topk on the same logits give the same bits."""
+    router, bias = normal(rng, (6, 8)), normal(rng, (8,), scale=0.1)
+    gate, up, down = normal(rng, (8, 6, 4)), normal(rng, (8, 6, 4)), normal(rng, (8, 4, 6))
+    layer = dpmoe.MoELayer.from_numpy(router, gate, up, down, top_k=3, scoring="sigmoid",
+                                      num_expert_group=4, topk_group=2, correction_bias=bias,
+                                      routed_scaling_factor=2.5)
+    x = normal(rng, (7, 6))
+    weights, ids = layer.route(x)
+    want = dpmoe.grouped_topk(x @ router, 3, 4, 2, True, "sigmoid", bias, 2.5)
+    np.testing.assert_array_equal(ids, want[1])
+    np.testing.assert_allclose(weights, want[0], rtol=1e-6)
+    assert (ids >= 0).all()

@@ -155,3 +155,51 @@ def test_read_only_inputs_are_fine_without_inplace(problem):
             v.flags.writeable = False
     out = dpmoe.fused_moe_forward(**problem)
     assert out.flags.writeable
+
+
+def test_block_size_too_large_is_named():
+    with pytest.raises(ValueError, match="block_size"):
+        dpmoe.moe_align_block_size(np.zeros((3, 2), np.int32), 4, 2**31)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-token"])
+def test_zero_stride_inplace_target_refused_before_compute(problem, grouped):
+    x = np.broadcast_to(problem["hidden_states"][:1], (T, H))
+    with pytest.raises(ValueError, match="hidden_states"):
+        dpmoe.fused_moe_forward(**with_(problem, hidden_states=x), inplace=True,
+                                use_grouped_topk=grouped)
+
+
+@pytest.mark.parametrize("scale", [1e39, float("inf"), float("nan")])
+def test_scaling_must_be_finite_in_float32(problem, scale):
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        dpmoe.fused_moe_forward(**problem, routed_scaling_factor=scale)
+
+
+@pytest.mark.parametrize("alias, kind", [("bf16", "bfloat16"), ("fp32", "float32"),
+                                         ("float16", "float16")])
+def test_layer_dtype_aliases(alias, kind):
+    assert dpmoe.MoELayer(16, 8, 4, dtype=alias, seed=0).kind == kind
+
+
+def test_layer_dtype_names_the_choices():
+    with pytest.raises(TypeError, match="dtype must be one of .*bfloat16"):
+        dpmoe.MoELayer(16, 8, 4, dtype="bfloat17")
+
+
+@pytest.mark.parametrize("spec", [":::", "opencl::", ":cpu"])
+def test_malformed_device_variable_is_named(monkeypatch, spec):
+    monkeypatch.setenv("DPMOE_DEVICE", spec)
+    with pytest.raises(ValueError, match="DPMOE_DEVICE"):
+        dpmoe.topk_softmax(np.zeros((2, 4), np.float32), 1)
+
+
+def test_torch_tensor_gets_a_conversion_hint():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"\.numpy\(\)"):
+        dpmoe.topk_softmax(torch.zeros(2, 4), 1)
+
+
+def test_path_keyword_is_checked(problem):
+    with pytest.raises(ValueError, match="path"):
+        dpmoe.fused_moe_forward(**problem, path="fast")

@@ -10,8 +10,9 @@ from .launch import call
 
 from .numerics import loader, storer
 
-# What 0/0 gives. The OpenCL CPU runtime's division returned arbitrary finite values for it,
-# so kernels test for a zero denominator and write this instead.
+# What 0/0 gives. numba turns a float division by zero into a ZeroDivisionError, which in a
+# kernel silently ends the work-item before its store (the output kept whatever the memory
+# held), so kernels test for a zero denominator and write this instead.
 NAN = np.float32(np.nan)
 
 
@@ -46,8 +47,8 @@ def make_weighted_sum_kernel(rows_kind: str, bias_kind: str, out_kind: str):
             for j in range(top_k):
                 total += weights[t * top_k + j]
         acc = np.float32(0.0)
-        if total == 0:  # weights summing to 0 under renormalize: 0/0, spelled out (see NAN)
-            acc = NAN
+        if total == 0:  # weights summing to 0 under renormalize: 0/0 (see NAN)
+            total = NAN
         for j in range(top_k):
             s = t * top_k + j
             if row_of_slot[s] < 0:  # expert on another device: contributes nothing here

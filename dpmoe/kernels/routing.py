@@ -185,8 +185,8 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
         for j in range(top_k):
             w = weights[t * top_k + j]
             if renormalize != 0:
-                # 0/0 is NaN, as the README promises; the runtime's division is not IEEE
-                # there (it returned arbitrary finite values), so the case is spelled out
+                # 0/0 is NaN, as the README promises; numba would raise ZeroDivisionError,
+                # which in a kernel ends the work-item before its stores
                 w = NAN if denominator == 0 else w / denominator
             weights[t * top_k + j] = w * scale
 

@@ -6,15 +6,18 @@ installed with pip (see shared/STACK.md):
 1. ``<prefix>/etc/OpenCL/vendors/intel-cpu.icd`` names a conda placeholder path (and the
    wheel's ICD loader only looks in ``/etc/OpenCL/vendors`` anyway), so no CPU platform is
    found. The loader reads ``OCL_ICD_FILENAMES`` once, at its first use, so dpmoe sets it in
-   ``os.environ`` on import, and also installs a one-line ``dpmoe-opencl-icd.pth`` in
-   site-packages that does the same at interpreter start-up, so that a process that
-   imports dpctl or dpnp before dpmoe sees the device too.
+   ``os.environ`` on import. The wheel also ships a one-line ``dpmoe-opencl-icd.pth`` (see
+   :data:`PTH_LINE`) at the root of site-packages that does the same at interpreter
+   start-up, so that a process that imports dpctl or dpnp before dpmoe sees the device too.
+   It is written by the build (``dpmoe/_build.py``), listed in the wheel's RECORD, and so
+   removed by ``pip uninstall dpmoe``; nothing writes it at run time.
 2. The extension modules of dpctl, dpnp and numba_dpex carry a conda-build placeholder as
    RPATH, so ``libsycl.so.7``, MKL and friends in ``<prefix>/lib`` are not found.
    Preloading those libraries with ``RTLD_GLOBAL`` works but makes a later ``import torch``
    crash (torch's BLAS calls bind to MKL's ILP64 symbols). Rewriting the RPATH to
    ``$ORIGIN``-relative paths fixes the wheels for every process, leaves the global symbol
-   namespace alone, and is idempotent: it is done once, reported on stderr, and can be
+   namespace alone, and is idempotent: it is done once, reported in one line on stderr
+   (the details are in :class:`RuntimeSetup`, shown by ``dpmoe.info()``), and can be
    prevented with ``DPMOE_NO_RUNTIME_REPAIR=1``.
 
 Nothing here runs when dpctl is already importable (a system oneAPI, conda, or a user's
@@ -24,9 +27,12 @@ own ``LD_LIBRARY_PATH``), and no variable the user set is overridden.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,17 +40,30 @@ from pathlib import Path
 
 # conda-build leaves this marker in the RPATH it could not rewrite.
 _PLACEHOLDER = "placehold"
-_PATCHED_PACKAGES = ("dpctl", "dpnp", "numba_dpex")
+# import name -> distribution name, of the packages whose extension modules get repaired
+_PATCHED_PACKAGES = {"dpctl": "dpctl", "dpnp": "dpnp", "numba_dpex": "numba-dpex"}
 
 
 @dataclass
 class RuntimeSetup:
     """What :func:`prepare` did; reported by :func:`dpmoe.info`."""
 
+    #: ``OCL_ICD_FILENAMES`` points at this environment's ``libintelocl.so`` because the
+    #: ICD file is a placeholder (set by the .pth at start-up or by ``import dpmoe``).
     icd_filenames_set: bool = False
-    pth_installed: str | None = None
+    #: the ``dpmoe-opencl-icd.pth`` installed with dpmoe, if one is on ``sys.path``
+    pth_file: str | None = None
+    #: extension modules whose RPATH was rewritten by this import (empty: none needed it)
     repaired_files: list[str] = field(default_factory=list)
+    #: the site-packages holding them, and the oneAPI runtime they now point at
+    site_packages: str | None = None
+    runtime_lib: str | None = None
+    #: the command that restores the wheels' own files (set when something was repaired)
+    undo: str | None = None
     problem: str | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -55,32 +74,48 @@ def _package_dir(name: str) -> Path | None:
 
 
 def _icd_needs_help(lib: Path) -> bool:
+    """The environment has Intel's OpenCL CPU runtime, but its ICD file names a missing path."""
     icd = Path(sys.prefix) / "etc" / "OpenCL" / "vendors" / "intel-cpu.icd"
-    if not (lib / "libintelocl.so").exists() or not icd.exists():
+    if not (lib / "libintelocl.so").is_file() or not icd.is_file():
         return False
-    named = icd.read_text().strip()
+    try:
+        named = icd.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
     return not Path(named).exists()
 
 
-# Runs at interpreter start-up (site.py executes .pth lines that start with "import");
-# it never overrides a variable the user set.
-_PTH_NAME = "dpmoe-opencl-icd.pth"
-_PTH_LINE = (
-    "import os, sys; _p = os.path.join(sys.prefix, 'lib', 'libintelocl.so'); "
-    "os.path.exists(_p) and 'OCL_ICD_VENDORS' not in os.environ and "
-    "os.environ.setdefault('OCL_ICD_FILENAMES', _p)\n"
-)
+# The one line of dpmoe-opencl-icd.pth, which the build (dpmoe/_build.py) puts at the root of
+# site-packages. site.py executes .pth lines that start with "import" in every interpreter
+# of the environment, so it must be cheap, silent and harmless: it sets OCL_ICD_FILENAMES
+# only in the case _icd_needs_help() describes, never when the user set OCL_ICD_FILENAMES
+# or OCL_ICD_VENDORS, and swallows every error.
+PTH_NAME = "dpmoe-opencl-icd.pth"
+_PTH_CODE = """\
+try:
+    lib = os.path.join(sys.prefix, 'lib', 'libintelocl.so')
+    icd = os.path.join(sys.prefix, 'etc', 'OpenCL', 'vendors', 'intel-cpu.icd')
+    if ('OCL_ICD_FILENAMES' not in os.environ and 'OCL_ICD_VENDORS' not in os.environ
+            and os.path.isfile(lib) and os.path.isfile(icd)):
+        with open(icd) as f:
+            if not os.path.exists(f.read().strip()):
+                os.environ['OCL_ICD_FILENAMES'] = lib
+except Exception:
+    pass
+"""
+PTH_LINE = f"import os, sys; exec({_PTH_CODE!r})\n"
 
 
-def _install_pth(site: Path, setup: RuntimeSetup) -> None:
-    pth = site / _PTH_NAME
-    try:
-        if pth.exists() and pth.read_text() == _PTH_LINE:
-            return
-        pth.write_text(_PTH_LINE)
-        setup.pth_installed = str(pth)
-    except OSError as exc:
-        setup.problem = f"could not write {pth}: {exc}"
+def _find_pth() -> str | None:
+    """The installed dpmoe-opencl-icd.pth, if a site directory of this interpreter has it."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    for directory in dirs:
+        candidate = os.path.join(directory, PTH_NAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def _interface_loads(dpctl_dir: Path) -> bool:
@@ -127,18 +162,14 @@ def _repair_rpaths(site: Path, lib: Path, setup: RuntimeSetup) -> None:
 
 def prepare() -> RuntimeSetup:
     """Make dpctl/dpnp/numba-dpex importable from a plain pip install. Idempotent."""
-    setup = RuntimeSetup()
+    setup = RuntimeSetup(pth_file=_find_pth())
     lib = Path(sys.prefix) / "lib"
     dpctl_dir = _package_dir("dpctl")
-    icd_broken = _icd_needs_help(lib)
-    if icd_broken and "OCL_ICD_VENDORS" not in os.environ:
-        if "OCL_ICD_FILENAMES" not in os.environ:
-            os.environ["OCL_ICD_FILENAMES"] = str(lib / "libintelocl.so")
-            setup.icd_filenames_set = True
-        if dpctl_dir is not None and os.environ.get("DPMOE_NO_RUNTIME_REPAIR", "") in ("", "0"):
-            _install_pth(dpctl_dir.parent, setup)
+    if _icd_needs_help(lib) and "OCL_ICD_VENDORS" not in os.environ:
+        wanted = str(lib / "libintelocl.so")
+        os.environ.setdefault("OCL_ICD_FILENAMES", wanted)  # the .pth may have done it
+        setup.icd_filenames_set = os.environ["OCL_ICD_FILENAMES"] == wanted
     if "dpctl" in sys.modules or dpctl_dir is None or _interface_loads(dpctl_dir):
-        _report(setup, dpctl_dir, lib)
         return setup
     if os.environ.get("DPMOE_NO_RUNTIME_REPAIR", "") not in ("", "0"):
         setup.problem = "dpctl cannot load libsycl.so.7 and DPMOE_NO_RUNTIME_REPAIR is set"
@@ -146,30 +177,44 @@ def prepare() -> RuntimeSetup:
     if not (lib / "libsycl.so.7").exists():
         setup.problem = f"dpctl cannot load libsycl.so.7 and {lib} does not have it"
         return setup
+    setup.site_packages, setup.runtime_lib = str(dpctl_dir.parent), str(lib)
     try:
         _repair_rpaths(dpctl_dir.parent, lib, setup)
     except (OSError, subprocess.CalledProcessError) as exc:
         setup.problem = f"repairing the RPATH of the SYCL wheels failed: {exc}"
-    _report(setup, dpctl_dir, lib)
+    if setup.repaired_files:
+        setup.undo = _undo_command(setup)
+    _report(setup)
     return setup
 
 
-def _report(setup: RuntimeSetup, dpctl_dir: Path | None, lib: Path) -> None:
-    """Say on stderr what was changed in the environment (only when something was)."""
-    done = []
-    if setup.repaired_files:
-        done.append(
-            f"repaired the RPATH of {len(setup.repaired_files)} extension modules of "
-            f"{', '.join(_PATCHED_PACKAGES)} in {dpctl_dir.parent} so that they find the "
-            f"oneAPI runtime in {lib} (the pip wheels carry a conda-build placeholder)"
-        )
-    if setup.pth_installed:
-        done.append(
-            f"installed {setup.pth_installed}, which points the OpenCL ICD loader at "
-            f"{lib / 'libintelocl.so'} when Python starts (the wheel's ICD file is a placeholder)"
-        )
-    if done:
-        sys.stderr.write(
-            "dpmoe: " + "; ".join(done) + ". This happens once per environment; "
-            "DPMOE_NO_RUNTIME_REPAIR=1 prevents it.\n"
-        )
+def _undo_command(setup: RuntimeSetup) -> str:
+    """pip command that puts back the wheels' own (unrepaired) files."""
+    site = Path(setup.site_packages or "")
+    pins = []
+    for package, dist in _PATCHED_PACKAGES.items():
+        if not any(Path(f).is_relative_to(site / package) for f in setup.repaired_files):
+            continue
+        try:
+            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(dist)
+    return f"{sys.executable} -m pip install --force-reinstall --no-deps {' '.join(pins)}"
+
+
+def notice(setup: RuntimeSetup) -> str | None:
+    """The one line :func:`prepare` writes on stderr, or None when it changed nothing."""
+    if not setup.repaired_files:
+        return None
+    return (
+        f"dpmoe: repaired the RPATH of {len(setup.repaired_files)} SYCL extension modules "
+        f"in {setup.site_packages} (their pip wheels carry a conda placeholder); "
+        f"undo: {setup.undo}; DPMOE_NO_RUNTIME_REPAIR=1 prevents it"
+    )
+
+
+def _report(setup: RuntimeSetup) -> None:
+    """Say on stderr, in one line, what was changed in the environment (if anything)."""
+    line = notice(setup)
+    if line:
+        sys.stderr.write(line + "\n")

@@ -158,11 +158,7 @@ def info(device: Any = None) -> dict[str, Any]:
         "fallback_reason": reason,
         "strict": os.environ.get("DPMOE_STRICT", "") not in ("", "0"),
         "versions": versions,
-        "runtime_setup": {
-            "OCL_ICD_FILENAMES_set": RUNTIME_SETUP.icd_filenames_set,
-            "rpath_repaired_files": len(RUNTIME_SETUP.repaired_files),
-            "problem": RUNTIME_SETUP.problem,
-        },
+        "runtime_setup": RUNTIME_SETUP.as_dict(),
     }
 
 

@@ -25,8 +25,6 @@ from .arrays import HOST_DTYPE, empty, from_device, to_device, to_host
 from .device import default_queue, dpnp, fallback, is_device_array
 from .routing import RoutingSpec, route, routing_spec
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 class MoELayer:
     """A Mixture-of-Experts block on the device (see the module docstring).
@@ -58,7 +56,7 @@ class MoELayer:
         kind = validation.dtype_name("dtype", dtype)
         routing_spec(experts, top_k, renormalize)  # refuse a bad top_k before allocating
         queue, _ = default_queue(device)
-        itemsize = _ITEMSIZE[kind]
+        itemsize = HOST_DTYPE[kind].itemsize
         weights = (3 * experts * inter + 3 * shared) * hidden
         # host arrays (a float32 draw per tensor, then its dtype), plus their device copies
         memory.check_fits(queue, weights * (itemsize * (1 if queue is None else 2) + 4)
@@ -275,7 +273,7 @@ class MoELayer:
         num_tokens, hidden = hidden_states.shape
         tokens = num_tokens * hidden
         parts = dict(
-            tokens_on_the_device=0 if is_device_array(hidden_states) else tokens * _ITEMSIZE[kind],
+            tokens_on_the_device=0 if is_device_array(hidden_states) else tokens * HOST_DTYPE[kind].itemsize,
             float32_tokens_and_logits=(tokens + num_tokens * self.num_experts) * 4
             + num_tokens * self.top_k * 8,
             outputs=tokens * 4 * (3 if shared and self._shared is not None else 1),

@@ -156,3 +156,27 @@ def test_threads_with_their_own_queues(rng):
 
     for args, out in zip(problems, run_in_threads(work)):
         assert_close(out, reference.fused_moe_forward(*args, 2, True))
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-token"])
+def test_weights_summing_to_zero_give_nan_under_renormalize(rng, grouped):
+    """0/0 is NaN for that token alone (it was whatever the output memory held)."""
+    x, gate, up, down, weights, ids = problem(rng, num_tokens=5)
+    weights[2] = 0.0
+    for _ in range(2):  # the old garbage changed between calls
+        out = dpmoe.fused_moe_forward(x, gate, up, down, weights, ids, use_grouped_topk=grouped)
+        assert np.isnan(out[2]).all()
+        keep = [0, 1, 3, 4]
+        want = reference.fused_moe_forward(x[keep], gate, up, down, weights[keep], ids[keep])
+        assert_close(out[keep], want)
+
+
+def test_topk_sigmoid_of_all_zero_chosen_scores_is_nan_under_renormalize():
+    logits = np.full((3, 4), -200.0, np.float32)  # sigmoid(-200) is 0 in float32
+    logits[1] = [0.0, 1.0, 2.0, 3.0]
+    weights, ids = dpmoe.topk_sigmoid(logits, 2, renormalize=True)
+    with np.errstate(invalid="ignore"):
+        want_w, want_ids = reference.topk_sigmoid(logits, 2, True)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert np.isnan(weights[[0, 2]]).all() and np.isnan(want_w[[0, 2]]).all()
+    np.testing.assert_allclose(weights[1], want_w[1], rtol=1e-6)

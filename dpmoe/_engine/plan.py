@@ -28,7 +28,6 @@ PATHS = ("auto", "grouped", "per_token")
 # Slots per block on the per-token path: an expert's weights are read once per block. When
 # no expert has two slots a block of 1 is used: larger blocks cost 1.2-1.6x on a lone slot.
 PER_TOKEN_BLOCK = 4
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,8 @@ def test_layout_conversions_round_trip(rng, interleaved):
     x = normal(rng, (1, H))
     half = I
     rows = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(0, half), slice(half, None))
-    np.testing.assert_allclose(x @ gate[2], x @ w13[2][rows[0]].T, rtol=1e-5)
-    np.testing.assert_allclose(x @ up[2], x @ w13[2][rows[1]].T, rtol=1e-5)
+    assert_close(x @ gate[2], x @ w13[2][rows[0]].T)
+    assert_close(x @ up[2], x @ w13[2][rows[1]].T)
 
 
 def test_gate_up_proj_conversion(rng):

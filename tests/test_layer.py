@@ -25,7 +25,7 @@ def test_from_numpy_and_route(rng):
     weights, ids = layer.route(x)
     want_w, want_ids = reference.topk_softmax(x @ router, 2, False)
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(weights, want_w, rtol=1e-5)
+    assert_close(weights, want_w)
     assert_close(layer(x), reference.moe_layer(x, router, gate, up, down, 2, False))
 
 

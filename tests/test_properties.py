@@ -1,7 +1,8 @@
 """Property-based tests: random sizes, dtypes and routing skews, every function vs the oracle."""
 
 import numpy as np
-from conftest import DTYPES, assert_close
+import pytest
+from conftest import BF16, DTYPES, REL_TOL, ROW_FLOOR, assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -68,7 +69,7 @@ def test_topk_softmax(seed, num_tokens, num_experts, data, dtype, renormalize):
     weights, ids = dpmoe.topk_softmax(logits, top_k, renormalize)
     want_w, want_ids = reference.topk_softmax(logits, top_k, renormalize)
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(weights, want_w, rtol=5e-6, atol=1e-7)
+    assert_close(weights, want_w)
 
 
 @given(routings(), sizes, sizes, dtypes, st.booleans(), st.booleans())
@@ -116,7 +117,7 @@ def test_grouped_topk(seed, num_tokens, groups, group_size, data, dtype, scoring
     got = dpmoe.grouped_topk(logits, top_k, groups, topk_group, renormalize, scoring, b, scale)
     want = reference.grouped_topk(logits, top_k, groups, topk_group, renormalize, scoring, b, scale)
     np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_allclose(got[0], want[0], rtol=5e-6, atol=1e-7)
+    assert_close(got[0], want[0])
 
 
 @given(seeds, st.integers(0, 200), st.integers(1, 80), st.data(), dtypes)
@@ -129,4 +130,48 @@ def test_softmax_after_topk_and_sigmoid(seed, num_tokens, num_experts, data, dty
         (dpmoe.topk_sigmoid(logits, top_k, True), reference.topk_sigmoid(logits, top_k, True)),
     ):
         np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_allclose(got[0], want[0], rtol=5e-6, atol=1e-7)
+        assert_close(got[0], want[0])
+
+
+# The comparison itself: each token row is held to its own scale.
+
+
+def test_comparison_rejects_a_slot_dropped_from_a_quiet_token():
+    # Two tokens with the same hidden state and experts, token 1 weighted 100x more; a kernel
+    # that loses slot 1 (weight 0.01) of token 0 is off by about half of token 0's output,
+    # under 2^-6 of the largest output (token 1's), which the old bfloat16 rule allowed.
+    rng = np.random.default_rng(0)
+    hidden, inter, experts = 64, 32, 4
+    x = np.repeat(normal(rng, (1, hidden), BF16), 2, axis=0)
+    gate = normal(rng, (experts, hidden, inter), BF16, hidden**-0.5)
+    up = normal(rng, (experts, hidden, inter), BF16, hidden**-0.5)
+    down = normal(rng, (experts, inter, hidden), BF16, inter**-0.5)
+    ids = np.array([[0, 1], [0, 1]], np.int32)
+    weights = np.array([[0.01, 0.01], [1.0, 1.0]], np.float32)
+    want = reference.fused_moe_forward(x, gate, up, down, weights, ids, 2, False)
+    dropped = weights.copy()
+    dropped[0, 1] = 0.0
+    got = reference.fused_moe_forward(x, gate, up, down, dropped, ids, 2, False)
+
+    rows = np.abs(want.astype(np.float32)).max(axis=1)
+    assert 95 < rows[1] / rows[0] < 105
+    err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
+    assert err <= REL_TOL[BF16] * rows.max()  # what the old rule, scaled by the largest output, allowed
+    with pytest.raises(AssertionError, match="token row 0"):
+        assert_close(got, want)
+    # rounding to a neighbouring bfloat16 value everywhere still passes
+    assert_close((want.view(np.uint16) + np.uint16(1)).view(BF16), want)
+
+
+def test_comparison_floors_rows_of_zeros_and_keeps_narrow_outputs_whole():
+    want = np.zeros((3, 16), np.float32)
+    want[1] = 2.0
+    got = want.copy()
+    got[0] = 0.9 * REL_TOL[want.dtype] * ROW_FLOOR * 2.0  # a row of zeros: at 1/16 of 2.0
+    assert_close(got, want)
+    got[0] *= 1.2
+    with pytest.raises(AssertionError, match="token row 0"):
+        assert_close(got, want)
+    # one value per row can cancel to nearly zero: narrow outputs keep the whole output's scale
+    narrow = np.array([[1e-3], [2.0]], np.float32)
+    assert_close(narrow + np.float32(1.5e-5), narrow)

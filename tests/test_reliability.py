@@ -179,4 +179,4 @@ def test_topk_sigmoid_of_all_zero_chosen_scores_is_nan_under_renormalize():
         want_w, want_ids = reference.topk_sigmoid(logits, 2, True)
     np.testing.assert_array_equal(ids, want_ids)
     assert np.isnan(weights[[0, 2]]).all() and np.isnan(want_w[[0, 2]]).all()
-    np.testing.assert_allclose(weights[1], want_w[1], rtol=1e-6)
+    assert_close(weights[1], want_w[1])

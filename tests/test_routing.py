@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import DTYPE_IDS, DTYPES, needs_device, normal, to_dpnp
+from conftest import DTYPE_IDS, DTYPES, assert_close, needs_device, normal, to_dpnp
 
 import dpmoe
 from dpmoe import reference
@@ -23,7 +23,7 @@ def test_topk_softmax_matches_reference(rng, dtype, num_tokens, num_experts, top
     want_w, want_ids = reference.topk_softmax(logits, top_k, renormalize)
     assert ids.dtype == np.int32 and weights.dtype == np.float32
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(weights, want_w, rtol=2e-6, atol=1e-7)
+    assert_close(weights, want_w)
 
 
 def test_ties_pick_the_smaller_expert_index():
@@ -57,4 +57,4 @@ def test_dpnp_in_dpnp_out_on_the_same_queue(rng):
     assert weights.sycl_queue == logits.sycl_queue and ids.sycl_queue == logits.sycl_queue
     want_w, want_ids = reference.topk_softmax(logits.asnumpy(), 3)
     np.testing.assert_array_equal(ids.asnumpy(), want_ids)
-    np.testing.assert_allclose(weights.asnumpy(), want_w, rtol=2e-6)
+    assert_close(weights.asnumpy(), want_w)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import DTYPE_IDS, DTYPES, normal
+from conftest import DTYPE_IDS, DTYPES, assert_close, normal
 
 import dpmoe
 from dpmoe import reference
@@ -10,7 +10,7 @@ from dpmoe import reference
 
 def check(got, want):
     np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=1e-7)
+    assert_close(got[0], want[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -126,5 +126,5 @@ def test_layer_routing_is_the_public_routing(rng):
     weights, ids = layer.route(x)
     want = dpmoe.grouped_topk(x @ router, 3, 4, 2, True, "sigmoid", bias, 2.5)
     np.testing.assert_array_equal(ids, want[1])
-    np.testing.assert_allclose(weights, want[0], rtol=1e-6)
+    assert_close(weights, want[0])
     assert (ids >= 0).all()

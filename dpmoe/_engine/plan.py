@@ -53,8 +53,12 @@ class ExecutionPlan:
         chunks = -(-self.num_tokens // self.chunk_tokens) if self.chunk_tokens else 0
         return (f"{self.path} path, GEMMs on {self.gemm}, {self.layout}; {self.num_tokens} "
                 f"tokens in {chunks} chunk(s) of <= {self.chunk_tokens} "
-                f"({self.chunk_bytes / 2**20:.1f} MiB of intermediates each, budget "
-                f"{self.budget / 2**20:.0f} MiB); path from {self.source}")
+                f"({_size(self.chunk_bytes)} of intermediates each, budget "
+                f"{_size(self.budget)}); path from {self.source}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, hidden: int,

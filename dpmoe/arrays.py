@@ -9,6 +9,7 @@ A dpnp ``uint16`` array passed where floats are expected is read as bfloat16 bit
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import ml_dtypes
@@ -85,9 +86,8 @@ def to_host(a: Any) -> np.ndarray:
     """A NumPy array (dpnp bf16 bits become ml_dtypes.bfloat16)."""
     if not is_device_array(a):
         return np.asarray(a)
-    if a.dtype == np.float16:
-        return dpnp.asnumpy(a)
-    h = dpnp.asnumpy(a)
+    view = host_view(a)
+    h = view.copy() if view is not None else dpnp.asnumpy(a)
     return h.view(BFLOAT16) if h.dtype == np.uint16 else h
 
 
@@ -98,6 +98,19 @@ def empty(shape: tuple[int, ...], kind: str, queue: Any) -> Any:
     dtype = np.dtype({"float32": np.float32, "int32": np.int32}.get(kind, np.uint16))
     note_allocation(int(np.prod(shape)) * dtype.itemsize)
     return dpnp.ndarray._create_from_usm_ndarray(dpt.empty(shape, dtype=dtype, sycl_queue=queue))
+
+
+def host_view(d: Any) -> np.ndarray | None:
+    """A NumPy view of C-contiguous device array ``d`` on a CPU device, once its queue is
+    idle (device memory is host memory there: reading it in place costs microseconds, a
+    dpnp reduction or copy tens of them); None elsewhere. Read it, don't keep it."""
+    if not (d.flags.c_contiguous and d.sycl_device.is_cpu):
+        return None
+    d.sycl_queue.wait()
+    if d.size == 0:
+        return np.empty(d.shape, d.dtype)
+    buffer = (ctypes.c_char * d.nbytes).from_address(d.get_array()._pointer)
+    return np.frombuffer(buffer, dtype=d.dtype).reshape(d.shape)
 
 
 def as_words(d: Any) -> Any:

@@ -74,15 +74,6 @@ def _pointer(d: Any) -> int:
     return d.get_array()._pointer
 
 
-def host_copy(d: Any) -> np.ndarray:
-    """A NumPy copy of C-contiguous device array ``d`` on a CPU queue, read in place once the
-    queue is idle (7 us against 33 for ``dpnp.asnumpy`` on a few ids)."""
-    h = np.empty(d.shape, dtype=d.dtype)
-    d.sycl_queue.wait()
-    ctypes.memmove(h.ctypes.data, _pointer(d), h.nbytes)
-    return h
-
-
 def gemm(a: Any, a_row: int, b: Any, b_offset: int, c: Any, c_row: int,
          m: int, n: int, k: int, trans_b: bool = False) -> None:
     """bf16: ``c[c_row:c_row+m] = a[a_row:a_row+m] @ B`` with B the [k, n] matrix (or [n, k]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import BFLOAT16, FLOAT_KINDS, float_kind
+from .arrays import BFLOAT16, FLOAT_KINDS, float_kind, host_view
 from .device import dpnp, is_device_array
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
@@ -155,7 +155,10 @@ def expert_map(a: Any, num_experts: int) -> int:
 
 def min_max(a: Any) -> tuple[float, float]:
     if is_device_array(a):
-        return float(dpnp.min(a)), float(dpnp.max(a))
+        view = host_view(a)
+        if view is None:
+            return float(dpnp.min(a)), float(dpnp.max(a))
+        a = view
     return float(np.min(a)), float(np.max(a))
 
 
@@ -193,12 +196,14 @@ def finite(name: str, a: Any) -> None:
     """No NaN or inf in a float array (dpnp uint16 arrays are bfloat16 bits)."""
     if a.size == 0:
         return
+    view = host_view(a) if is_device_array(a) else None
     if not is_device_array(a):
         ok = bool(np.isfinite(a.astype(np.float32)).all())
-    elif a.dtype == np.uint16:
-        ok = bool(dpnp.all((a & 0x7F80) != 0x7F80))  # all-ones exponent: inf or NaN
+    elif a.dtype == np.uint16:  # all-ones exponent: inf or NaN
+        bits = view if view is not None else a
+        ok = bool(((bits & 0x7F80) != 0x7F80).all())
     else:
-        ok = bool(dpnp.all(dpnp.isfinite(a)))
+        ok = bool(np.isfinite(view).all()) if view is not None else bool(dpnp.all(dpnp.isfinite(a)))
     if not ok:
         raise ValueError(f"{name} must be finite (found NaN or inf)")
 

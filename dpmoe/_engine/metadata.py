@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import onemkl_host
-from ..arrays import empty, flat, to_host
+from ..arrays import empty, to_host
 from ..device import dpnp, is_device_array
 from ..pages import upload
 
@@ -169,7 +168,7 @@ def plan_host_layout(ids: Any, num_experts: int, top_k: int) -> GroupedLayout:
     there from one small copy of the ids replaces the alignment kernels and their launches
     (what dominates a decode step's overhead).
     """
-    meta, n_rows, _ = plan_blocks(onemkl_host.host_copy(flat(ids)), num_experts, 1)
+    meta, n_rows, _ = plan_blocks(to_host(ids), num_experts, 1)
     slot_of_row, expert_of_row = meta[:n_rows], meta[n_rows:2 * n_rows]
     counts = np.bincount(expert_of_row, minlength=num_experts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))

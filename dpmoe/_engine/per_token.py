@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arrays import empty, flat
-from ..device import dpnp
+from ..arrays import empty, flat, to_host
 from ..kernels.sizes import splits
 from ..pages import upload
 from .experts import ExpertOptions, ExpertWeights
@@ -32,7 +31,7 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
     num_experts, hidden, inter = experts.shape
     queue = x.sycl_queue
     n_slots = ids.shape[0]
-    ids_host = dpnp.asnumpy(ids)
+    ids_host = to_host(ids)
     shared = np.bincount(ids_host[ids_host >= 0], minlength=num_experts).max(initial=0) > 1
     block = PER_TOKEN_BLOCK if shared else 1
     meta, n_pos, n_blocks = plan_blocks(ids_host, num_experts, block)

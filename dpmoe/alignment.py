@@ -21,7 +21,7 @@ import numpy as np
 from . import memory, reference, validation
 from ._dispatch import call, host, write_back
 from ._engine.convert import ids_to_device
-from ._engine.metadata import align_on_device, aligned_sizes, local_ids
+from ._engine.metadata import align_on_device, aligned_sizes, alignment_bytes, local_ids
 from .device import is_device_array
 
 # int32 sizes: sorted_token_ids must be indexable by the kernels' int32 positions.
@@ -88,9 +88,9 @@ def moe_align_block_size(
     arrays = {"topk_ids": topk_ids, "expert_map": expert_map, **buffers}
 
     def on_device(queue: Any) -> tuple[Any, Any, Any] | None:
-        need = 4 * (capacity + n_blocks + 1 + 2 * num_experts + 3 * topk_ids.size)
+        need = alignment_bytes(topk_ids.size, num_experts, block_size) + 4 * topk_ids.size
         memory.check_fits(queue, need, "moe_align_block_size",
-                          f"int32 alignment arrays {need / memory.GIB:.2f} GiB")
+                          f"int32 ids and alignment arrays {memory.size(need)}")
         ids = ids_to_device(local_ids(topk_ids, expert_map), queue)
         in_place = all(given) and all(is_device_array(b) for b in buffers.values())
         aligned = align_on_device(ids, num_experts, block_size,

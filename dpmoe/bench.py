@@ -47,12 +47,11 @@ import numpy as np
 
 from . import info, reference
 from .configs import MODEL_CONFIGS, describe
-from .tuning import DefaultConfigWarning
+from .tuning import PATHS, DefaultConfigWarning
 
 HOST_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 TESTS = ("moe", "silu", "align", "routing", "overhead")
-PATHS = ("grouped", "per_token")
 WARMUP = 2
 REFERENCE_MAX_TOKENS = 16
 REFERENCE_MAX_REPEATS = 3  # the reference takes up to a second a call

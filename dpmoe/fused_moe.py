@@ -12,26 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from . import reference, validation
+from . import memory, reference, validation
 from ._dispatch import call, host, write_back
 from ._engine import forward
-from ._engine.experts import ExpertOptions, ExpertWeights
+from ._engine.experts import ExpertOptions, ExpertWeights, widened_bytes
 from ._engine.metadata import local_ids
-from ._engine.plan import PATHS, ExecutionPlan, choose
+from ._engine.plan import ExecutionPlan, choose
 from .arrays import to_device
 from .device import default_queue, is_device_array
-
-
-def resolve_path(path: str | None, use_grouped_topk: Any = True) -> str:
-    """``path`` ("auto", "grouped", "per_token"); when None, the seed's ``use_grouped_topk``
-    decides (True: grouped, False: per_token)."""
-    if path is None:
-        if not isinstance(use_grouped_topk, (bool, np.bool_, int)):
-            raise TypeError(f"use_grouped_topk must be a bool, got {use_grouped_topk!r}")
-        return "grouped" if use_grouped_topk else "per_token"
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    return path
 
 
 def fused_moe_forward(
@@ -90,7 +78,7 @@ def fused_moe_forward(
     Returns:
         [T, H] array of hidden_states' dtype (NumPy for NumPy inputs, dpnp otherwise).
     """
-    path = resolve_path(path, use_grouped_topk)
+    path = validation.execution_path(path, use_grouped_topk)
     x_kind = validation.float_array("hidden_states", hidden_states, 2)
     w_kind = validation.experts(gate_weights, up_weights, down_weights)
     num_experts, hidden, inter = gate_weights.shape
@@ -129,8 +117,8 @@ def fused_moe_forward(
         forward.check_memory(
             plan, queue, "fused_moe_forward",
             weights_copied_to_the_device=sum(a.nbytes for a in on_host),
-            float32_copies_of_16_bit_weights=3 * gate_weights.size * 4
-            if plan.gemm == "dpnp.matmul" and w_kind != "float32" else 0,
+            float32_copies_of_16_bit_weights=widened_bytes(plan.gemm, w_kind,
+                                                           (num_experts, hidden, inter)),
             tokens_in_and_out=2 * hidden_states.size * hidden_states.dtype.itemsize,
             routing=topk_weights.size * 8)
         options = ExpertOptions.on_device(queue, activation, alpha, limit,
@@ -183,6 +171,12 @@ def fused_experts(
     """
     from .layouts import from_w13
 
+    for name, w in (("w13", w13), ("w2", w2)):
+        validation.array(name, w, 3)
+    # the conversion copies every weight where it lies (host or device): it must fit first
+    where = w13.sycl_queue if is_device_array(w13) else None
+    memory.check_fits(where, w13.nbytes + w2.nbytes, "fused_experts",
+                      f"weights converted to dpmoe's layout {memory.size(w13.nbytes + w2.nbytes)}")
     gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
     gate_bias = up_bias = None
     if b13 is not None:
@@ -206,7 +200,9 @@ def explain(num_tokens: int, hidden_size: int, intermediate_size: int, num_exper
     ``num_tokens`` tokens through E experts of [H, I] in ``dtype`` weights (tokens in
     ``hidden_dtype``, default the same) on ``device``: the path, GEMM backend, row layout,
     chunks and where the choice came from. ``print(dpmoe.explain(...))`` says it in a line.
-    None when there is no SYCL device (the NumPy reference would run).
+    None when there is no SYCL device (the NumPy reference would run). ``path="auto"``
+    describes :class:`dpmoe.MoELayer` and ``fused_moe_forward(..., path="auto")``; without
+    ``path``, ``fused_moe_forward`` follows ``use_grouped_topk`` (grouped by default).
     """
     num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
     shape = tuple(validation.positive_int(n, v) for n, v in (
@@ -215,7 +211,7 @@ def explain(num_tokens: int, hidden_size: int, intermediate_size: int, num_exper
     top_k = validation.positive_int("top_k", top_k, 1, shape[0])
     w_kind = validation.dtype_name("dtype", dtype)
     x_kind = w_kind if hidden_dtype is None else validation.dtype_name("hidden_dtype", hidden_dtype)
-    path = resolve_path(path)
+    path = validation.execution_path(path)
     queue, _ = default_queue(device)
     if queue is None:
         return None

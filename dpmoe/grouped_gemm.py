@@ -14,9 +14,11 @@ from . import memory, reference, validation
 from ._dispatch import call, host, write_back
 from ._engine.convert import ids_to_device, weights_to_device, widen
 from ._engine.gemm import expert_matmul, expert_matmul_host, gather_rows, host_gemm_kind
-from ._engine.metadata import max_grouped_rows, plan_host_layout, plan_layout
+from ._engine.metadata import (DEFAULT_BLOCK_SIZE, alignment_bytes, max_grouped_rows,
+                               plan_host_layout, plan_layout)
 from ._engine.reduce import weighted_sum
 from .arrays import empty, to_device
+from .device import is_device_array
 
 
 def grouped_gemm_moe(
@@ -80,10 +82,18 @@ def grouped_gemm_moe(
         if num_tokens == 0:
             return result
         gemm = host_gemm_kind(queue, a_kind, b_kind)
-        n_rows = max_grouped_rows(num_tokens * top_k, num_experts, gemm is not None)
-        need = 4 * n_rows * (k_dim + n_dim) + (0 if gemm else 4 * B.size)
-        memory.check_fits(queue, need, "grouped_gemm_moe",
-                          f"rows and products {need / memory.GIB:.2f} GiB")
+        n_slots = num_tokens * top_k
+        n_rows = max_grouped_rows(n_slots, num_experts, gemm is not None)
+        uploads = sum(a.nbytes for a in (A, B, C, topk_weights, topk_indices)
+                      if a is not None and not is_device_array(a))
+        parts = {"inputs copied to the device": uploads,
+                 "float32 copy of B": 0 if gemm or b_kind == "float32" else 4 * B.size,
+                 "rows and products": 4 * n_rows * (k_dim + n_dim),
+                 "routing metadata": 4 * 3 * n_slots
+                 + (0 if gemm else alignment_bytes(n_slots, num_experts, DEFAULT_BLOCK_SIZE)),
+                 "result": D.nbytes}
+        memory.check_fits(queue, sum(parts.values()), "grouped_gemm_moe", ", ".join(
+            f"{name} {memory.size(n)}" for name, n in parts.items() if n))
         ids = ids_to_device(topk_indices, queue)
         if gemm is not None:
             layout = plan_host_layout(ids, num_experts, top_k)

@@ -20,9 +20,9 @@ from ._engine import forward
 from ._engine.convert import narrow, widen
 from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights
 from ._engine.gemm import dense_matmul
-from ._engine.plan import PATHS, ExecutionPlan, choose
+from ._engine.plan import ExecutionPlan, choose
 from .arrays import HOST_DTYPE, empty, from_device, to_device, to_host
-from .device import default_queue, dpnp, fallback, is_device_array
+from .device import default_queue, dpnp, fallback, is_device_array, returns_numpy
 from .routing import RoutingSpec, route, routing_spec
 
 
@@ -61,7 +61,7 @@ class MoELayer:
         # host arrays (a float32 draw per tensor, then its dtype), plus their device copies
         memory.check_fits(queue, weights * (itemsize * (1 if queue is None else 2) + 4)
                           + 2 * hidden * experts * 4, "MoELayer",
-                          f"{weights * itemsize / memory.GIB:.2f} GiB of {kind} weights, "
+                          f"{memory.size(weights * itemsize)} of {kind} weights, "
                           "on the host and on the device")
         rng = np.random.default_rng(seed)
 
@@ -142,7 +142,7 @@ class MoELayer:
         on_device = sum(a.nbytes for a in given.values() if a is not None)
         from_device_copies = sum(a.nbytes for a in given.values() if is_device_array(a))
         memory.check_fits(queue, (on_device if queue is not None else 0) + from_device_copies,
-                          "MoELayer", f"weights {on_device / memory.GIB:.2f} GiB")
+                          "MoELayer", f"weights {memory.size(on_device)}")
         self._host = {k: None if v is None else to_host(v) for k, v in given.items()}
         self.queue = queue
         self._fallback_reason = reason
@@ -190,8 +190,7 @@ class MoELayer:
         num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
         x_kind = self.kind if hidden_dtype is None else validation.dtype_name("hidden_dtype",
                                                                               hidden_dtype)
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        path = validation.execution_path(path)
         if self.queue is None:
             return None
         return choose(self.queue, num_tokens, self._experts.shape, self.top_k, x_kind,
@@ -218,7 +217,7 @@ class MoELayer:
         kind, as_numpy = self._check(hidden_states)
         if self.queue is None:
             return self.reference(to_host(hidden_states))
-        plan = self._checked_plan(hidden_states, kind, "auto")
+        plan, shared_plan = self._checked_plans(hidden_states, kind, "auto")
         x = to_device(hidden_states, self.queue)
         x32 = widen(x, kind)
         weights, ids = self._route(x32)
@@ -226,7 +225,7 @@ class MoELayer:
         out = forward.run(plan, x, kind, self._experts, weights, ids, False, self._options,
                           out_kind)
         if self._shared is not None:
-            shared = self._shared_out(x, kind, x32, plan.path)
+            shared = self._shared_out(x, kind, x32, shared_plan)
             shared += out
             out = narrow(shared, kind)
         return from_device(out, kind, as_numpy)
@@ -245,12 +244,11 @@ class MoELayer:
         Returns:
             [T, H] in hidden_states' dtype (NumPy for NumPy input, dpnp otherwise).
         """
-        kind, as_numpy = self._check(hidden_states, finite=False)
+        kind, _ = self._check(hidden_states, finite=False)
         num_tokens = hidden_states.shape[0]
         validation.routing_weights("topk_weights", topk_weights, (num_tokens, self.top_k))
         validation.expert_ids("topk_ids", topk_ids, (num_tokens, self.top_k), self.num_experts)
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        path = validation.execution_path(path)
         if self.queue is None:
             h = self._host
             return reference.fused_moe_forward(
@@ -261,15 +259,18 @@ class MoELayer:
         for name, a in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
             if is_device_array(a) and a.sycl_queue != self.queue:
                 raise ValueError(f"{name} must be on the layer's queue ({self.device})")
-        plan = self._checked_plan(hidden_states, kind, path, shared=False)
+        plan, _ = self._checked_plans(hidden_states, kind, path, shared=False)
         out = forward.run(plan, to_device(hidden_states, self.queue), kind, self._experts,
                           topk_weights, topk_ids, False, self._options)
-        return from_device(out, kind, as_numpy)
+        return from_device(out, kind, returns_numpy(
+            {"hidden_states": hidden_states, "topk_weights": topk_weights, "topk_ids": topk_ids}))
 
-    def _checked_plan(self, hidden_states: Any, kind: str, path: str,
-                      shared: bool = True) -> ExecutionPlan:
-        """The plan of a call, after a memory check of all it allocates (before it does)."""
+    def _checked_plans(self, hidden_states: Any, kind: str, path: str, shared: bool = True
+                       ) -> tuple[ExecutionPlan, ExecutionPlan | None]:
+        """The plans of a call (routed experts, shared expert or None), after a memory check
+        of all it allocates (before it does)."""
         plan = self.plan(hidden_states.shape[0], kind, path)
+        shared_plan = None
         num_tokens, hidden = hidden_states.shape
         tokens = num_tokens * hidden
         parts = dict(
@@ -284,9 +285,9 @@ class MoELayer:
             parts["shared_expert_intermediates"] = shared_plan.chunk_bytes
             parts["shared_derived_weights"] = self._shared.derived_bytes(shared_plan.gemm)
         forward.check_memory(plan, self.queue, "MoELayer", **parts)
-        return plan
+        return plan, shared_plan
 
-    def _shared_out(self, x: Any, kind: str, x32: Any, path: str) -> Any:
+    def _shared_out(self, x: Any, kind: str, x32: Any, plan: ExecutionPlan) -> Any:
         """The shared expert as a one-expert MoE whose routing weight is its gate, float32."""
         num_tokens = x.shape[0]
         if self._shared_gate is not None:
@@ -300,7 +301,6 @@ class MoELayer:
             weight.fill(1.0)
         ids = empty((num_tokens, 1), "int32", self.queue)
         ids.fill(0)
-        plan = choose(self.queue, num_tokens, self._shared.shape, 1, kind, self.kind, path)
         return forward.run(plan, x, kind, self._shared, weight, ids, False, DEFAULT_OPTIONS,
                            "float32")
 

@@ -36,9 +36,11 @@ _tracking = threading.local()
 
 @contextmanager
 def track_allocations() -> Iterator[list[int]]:
-    """Collects the size in bytes of every device allocation dpmoe makes in this thread
-    while the block runs (all of them go through :func:`dpmoe.arrays.empty` or
-    :func:`dpmoe.pages.upload`); the tests hold calls to their memory estimate with it."""
+    """Collects the size in bytes of every device allocation dpmoe makes through
+    :func:`dpmoe.arrays.empty` or :func:`dpmoe.pages.upload` in this thread while the block
+    runs: every buffer of the engine's runners and uploads of NumPy inputs. (dpnp's own
+    temporaries, e.g. a contiguous copy of a strided dpnp input, are not seen.) The tests
+    hold calls to their memory estimate with it."""
     outer = getattr(_tracking, "log", None)
     _tracking.log = log = []
     try:
@@ -83,6 +85,14 @@ def device_memory(queue: Any) -> tuple[int, int | None]:
     return int(dev.global_mem_size), free
 
 
+def size(nbytes: float) -> str:
+    """Bytes in readable units (GiB, MiB or KiB)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if nbytes >= scale / 10:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
 def check_fits(queue: Any, need: int, what: str, breakdown: str) -> None:
     """Raise MemoryError before allocating when ``need`` bytes cannot fit on the device
     (``queue`` None: in the host's memory)."""
@@ -94,8 +104,9 @@ def check_fits(queue: Any, need: int, what: str, breakdown: str) -> None:
         where = queue.sycl_device.name
     limit = free if free is not None else total
     if limit is not None and need > limit:
-        free_text = f", {free / GIB:.2f} GiB free" if free is not None else ""
+        free_text = f", {size(free)} free" if free is not None else ""
         raise MemoryError(
-            f"{what} needs about {need / GIB:.2f} GiB on {where} "
-            f"({breakdown}); the device has {total / GIB:.2f} GiB of global memory{free_text}"
+            f"{what} needs about {size(need)} on {where} "
+            f"({breakdown}); {'it' if queue is None else 'the device'} has {size(total)} of "
+            f"{'memory' if queue is None else 'global memory'}{free_text}"
         )

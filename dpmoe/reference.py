@@ -250,7 +250,9 @@ def fused_moe_forward(
     x = _f32(hidden_states)
     w = _f32(topk_weights)
     if renormalize:
-        w = w / w.sum(axis=1, keepdims=True, dtype=F32)
+        total = w.sum(axis=1, keepdims=True, dtype=F32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(total == 0, F32(np.nan), w / total)  # 0/0 for the whole token
     ids = np.asarray(topk_indices) if expert_map is None else np.asarray(expert_map)[topk_indices]
     out = np.zeros(x.shape, dtype=F32)
     for t in range(x.shape[0]):

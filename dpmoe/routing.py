@@ -7,9 +7,9 @@ Three conventions, all with ties going to the smaller expert index:
 - :func:`grouped_topk`: best expert groups first, then experts inside them (DeepSeek-V3).
 
 Each is a :class:`RoutingSpec`, validated once by :func:`routing_spec`; :func:`route` is the
-only launcher of the routing kernels (the public functions, :class:`dpmoe.MoELayer` and the
-benchmark all go through it), and :meth:`RoutingSpec.reference` the only road to the
-NumPy oracle of a spec.
+only launcher of the routing kernels (the public functions and :class:`dpmoe.MoELayer` go
+through it) and :meth:`RoutingSpec.reference` their fallback. The oracle the tests compare
+with (:mod:`dpmoe.reference`, e.g. ``moe_block``) is written separately, on purpose.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ def find_configs(file_name: str) -> tuple[dict[int, dict], Path] | None:
     return None
 
 
+@lru_cache(maxsize=None)
 def has_amx() -> bool:
     """Whether the host CPU has AMX tiles for bf16 (oneMKL's bf16 GEMMs are fast there)."""
     try:

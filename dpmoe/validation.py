@@ -153,6 +153,18 @@ def expert_map(a: Any, num_experts: int) -> int:
     return a.shape[0]
 
 
+PATHS = ("auto", "grouped", "per_token")
+
+
+def execution_path(path: Any, use_grouped_topk: Any = True) -> str:
+    """One of PATHS; None means the seed's ``use_grouped_topk`` decides (truthy: grouped)."""
+    if path is None:
+        return "grouped" if use_grouped_topk else "per_token"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
+
+
 def min_max(a: Any) -> tuple[float, float]:
     if is_device_array(a):
         view = host_view(a)
@@ -198,7 +210,8 @@ def finite(name: str, a: Any) -> None:
         return
     view = host_view(a) if is_device_array(a) else None
     if not is_device_array(a):
-        ok = bool(np.isfinite(a.astype(np.float32)).all())
+        bits = a.view(np.uint16) if a.dtype == BFLOAT16 else None
+        ok = bool(np.isfinite(a).all()) if bits is None else bool(((bits & 0x7F80) != 0x7F80).all())
     elif a.dtype == np.uint16:  # all-ones exponent: inf or NaN
         bits = view if view is not None else a
         ok = bool(((bits & 0x7F80) != 0x7F80).all())

@@ -3,7 +3,7 @@ forward, expert parallelism (expert_map), and layout conversions."""
 
 import numpy as np
 import pytest
-from conftest import BF16, assert_close, normal, routing
+from conftest import BF16, ON_DEVICE, assert_close, normal, routing, to_dpnp
 
 import dpmoe
 from dpmoe import layouts, reference
@@ -65,6 +65,11 @@ def test_expert_map_drops_non_local_experts(rng, grouped):
     empty = dpmoe.fused_moe_forward(x, gate, up, down, weights, ids, 3, False,
                                     use_grouped_topk=grouped, expert_map=nothing_here)
     np.testing.assert_array_equal(empty, np.zeros_like(x))
+    if ON_DEVICE:  # expert parallelism keeps its routing on the device
+        on_device = dpmoe.fused_moe_forward(
+            *[to_dpnp(a) for a in (x, gate, up, down, weights, ids)], 3, False,
+            use_grouped_topk=grouped, expert_map=to_dpnp(expert_map))
+        assert_close(on_device.asnumpy(), want)
 
 
 def test_align_with_expert_map(rng):

@@ -48,6 +48,13 @@ class ExpertOptions:
 DEFAULT_OPTIONS = ExpertOptions()
 
 
+def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int]) -> int:
+    """Bytes of the float32 copies of 16-bit weights of ``shape`` (E, H, I) that backend
+    ``gemm`` makes (``dpnp.matmul`` has no 16-bit GEMM)."""
+    num_experts, hidden, inter = shape
+    return 3 * num_experts * hidden * inter * 4 if gemm == "dpnp.matmul" and kind != "float32" else 0
+
+
 class ExpertWeights:
     """Gate [E, H, I], up [E, H, I] and down [E, I, H] weights on one queue, in storage form.
 
@@ -107,9 +114,7 @@ class ExpertWeights:
             num_experts, hidden, inter = self.shape
             return num_experts * (2 * onemkl_host.packed_size(inter, hidden)
                                   + onemkl_host.packed_size(hidden, inter))
-        if gemm == "dpnp.matmul" and self.kind != "float32" and self._float32 is None:
-            return 3 * self.gate.size * 4
-        return 0
+        return 0 if self._float32 is not None else widened_bytes(gemm, self.kind, self.shape)
 
     def packed(self) -> tuple[list, list, list] | None:
         """Per expert, gate/up/down in oneMKL's packed bf16 format (persistent weights only)."""

@@ -30,12 +30,12 @@ def check_memory(plan: ExecutionPlan, queue: Any, what: str, **parts: int) -> No
         one = plan.intermediate_bytes(1)
         raise MemoryError(
             f"{what}: one token's intermediates on the {plan.path} path need "
-            f"{one / memory.GIB:.3f} GiB, more than the chunk budget of "
-            f"{plan.budget / memory.GIB:.3f} GiB (DPMOE_MAX_INTERMEDIATE_BYTES)")
+            f"{memory.size(one)}, more than the chunk budget of {memory.size(plan.budget)} "
+            "(DPMOE_MAX_INTERMEDIATE_BYTES)")
     named = {name.replace("_", " "): size for name, size in parts.items()}
     named[f"intermediates of {min(plan.chunk_tokens, plan.num_tokens)} tokens"] = plan.chunk_bytes
-    breakdown = ", ".join(f"{name} {size / memory.GIB:.2f} GiB"
-                          for name, size in named.items() if size)
+    breakdown = ", ".join(f"{name} {memory.size(nbytes)}"
+                          for name, nbytes in named.items() if nbytes)
     memory.check_fits(queue, sum(named.values()), what, breakdown)
 
 

@@ -30,6 +30,12 @@ def aligned_sizes(n_slots: int, num_experts: int, block_size: int) -> tuple[int,
     return capacity, -(-capacity // block_size)
 
 
+def alignment_bytes(n_slots: int, num_experts: int, block_size: int) -> int:
+    """Bytes :func:`align_on_device` allocates (its int32 arrays)."""
+    capacity, n_blocks = aligned_sizes(n_slots, num_experts, block_size)
+    return 4 * (capacity + n_blocks + 1 + 2 * num_experts + 2 * max(n_slots, 1))
+
+
 @dataclass
 class Alignment:
     """Device arrays describing where every routing slot goes."""
@@ -184,5 +190,6 @@ def local_ids(topk_indices: Any, expert_map: Any) -> Any:
     if is_device_array(topk_indices):
         table = expert_map if is_device_array(expert_map) else dpnp.asarray(
             expert_map, sycl_queue=topk_indices.sycl_queue)
-        return dpnp.take(table.astype(np.int32), topk_indices.astype(np.int64))
+        flat_ids = dpnp.ravel(topk_indices).astype(np.int64)  # dpnp 0.15 takes 1-D indices only
+        return dpnp.take(table.astype(np.int32), flat_ids).reshape(topk_indices.shape)
     return to_host(expert_map).astype(np.int32)[topk_indices]

@@ -10,8 +10,11 @@ place that decides between
 - the per-token path: split-K GEMV kernels reading each routed expert's weights in place.
 
 It also sizes the chunks of tokens so that one chunk's intermediates stay within the
-budget (:func:`dpmoe.memory.intermediate_budget`), from the same byte counts the runners
-allocate, so the memory check and the chunking cannot disagree with the allocations.
+budget (:func:`dpmoe.memory.intermediate_budget`), from an upper bound of what the runners
+allocate (:func:`intermediate_bytes`, one entry per buffer they make); the tests hold the
+runners' allocations to it (:func:`dpmoe.memory.track_allocations`). The row layout is a
+policy here; the runners apply it to the routing they get (stacked or blocked rows, blocks
+of 1 or PER_TOKEN_BLOCK slots).
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ from typing import Any
 from .. import memory, tuning
 from ..kernels.sizes import splits
 from .gemm import host_gemm_kind
-from .metadata import DEFAULT_BLOCK_SIZE, aligned_sizes, max_grouped_rows, max_positions
+from .metadata import DEFAULT_BLOCK_SIZE, alignment_bytes, max_grouped_rows, max_positions
 
-PATHS = ("auto", "grouped", "per_token")
 # Slots per block on the per-token path: an expert's weights are read once per block. When
 # no expert has two slots a block of 1 is used: larger blocks cost 1.2-1.6x on a lone slot.
 PER_TOKEN_BLOCK = 4
@@ -53,12 +55,9 @@ class ExecutionPlan:
         chunks = -(-self.num_tokens // self.chunk_tokens) if self.chunk_tokens else 0
         return (f"{self.path} path, GEMMs on {self.gemm}, {self.layout}; {self.num_tokens} "
                 f"tokens in {chunks} chunk(s) of <= {self.chunk_tokens} "
-                f"({_size(self.chunk_bytes)} of intermediates each, budget "
-                f"{_size(self.budget)}); path from {self.source}")
+                f"({memory.size(self.chunk_bytes)} of intermediates each, budget "
+                f"{memory.size(self.budget)}); path from {self.source}")
 
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, hidden: int,
@@ -78,8 +77,7 @@ def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, 
         per_row = rows_item * hidden + 4 * 2 * inter + act + 4 * hidden
         return ids + n_slots * per_row
     n_rows = max_grouped_rows(n_slots, num_experts, host=False)
-    capacity, n_blocks = aligned_sizes(n_slots, num_experts, DEFAULT_BLOCK_SIZE)
-    alignment = 4 * (capacity + n_blocks + 1 + 2 * num_experts + 3 * n_slots + n_rows)
+    alignment = alignment_bytes(n_slots, num_experts, DEFAULT_BLOCK_SIZE) + 4 * (n_slots + n_rows)
     return ids + alignment + n_rows * 4 * (2 * hidden + 2 * inter)
 
 
@@ -101,7 +99,10 @@ def choose(queue: Any, num_tokens: int, shape: tuple[int, int, int], top_k: int,
     (E, H, I) in ``w_kind`` on ``queue``; ``path`` "auto" asks the tuned config."""
     num_experts, hidden, inter = shape
     host = host_gemm_kind(queue, x_kind, w_kind)
-    if path == "auto":
+    if path == "auto" and x_kind != w_kind:  # tuned files were measured with equal kinds
+        path = tuning.default_config(num_tokens, host)["path"]
+        source = f"default ({x_kind} tokens with {w_kind} weights are not tuned)"
+    elif path == "auto":
         config, source = tuning.get_config(num_experts, inter, w_kind, queue.sycl_device.name,
                                            num_tokens, host)
         path = config["path"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
-import threading
 import warnings
 from typing import Any
 
-from . import _runtime
+from . import _fork, _runtime
+
+_fork.install()  # a fork leaves no lock held; a child does not touch its parent's SYCL runtime
 
 RUNTIME_SETUP = _runtime.prepare()
 
@@ -35,7 +36,7 @@ except (ImportError, OSError) as exc:  # pragma: no cover - depends on the envir
     if RUNTIME_SETUP.problem:
         _STACK_ERROR += f"; {RUNTIME_SETUP.problem}"
 
-_lock = threading.Lock()
+_lock = _fork.lock("dpmoe.device")
 _warned: set[str] = set()
 
 
@@ -44,7 +45,10 @@ class FallbackError(RuntimeError):
 
 
 def is_device_array(a: Any) -> bool:
-    return dpnp is not None and isinstance(a, dpnp.ndarray)
+    if dpnp is not None and isinstance(a, dpnp.ndarray):
+        _fork.check_device_use("dpnp inputs")  # before anything touches it in a forked child
+        return True
+    return False
 
 
 # dpctl's filter strings: backend[:type][:n], type[:n] or n. dpctl reads an empty part as
@@ -86,6 +90,8 @@ def default_queue(device: Any = None) -> tuple[Any, str | None]:
     """The queue NumPy inputs run on, or ``(None, reason)`` when there is none."""
     if _STACK_ERROR is not None:
         return None, _STACK_ERROR
+    if _fork.child_problem() is not None:  # a fork of a process whose SYCL runtime had started
+        return None, _fork.child_problem()
     spec = _device_spec(device)
     try:
         return _queue_for(spec), None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, reference, validation
+from . import _fork, memory, reference, validation
 from ._engine import forward
 from ._engine.convert import narrow, widen
 from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights
@@ -318,6 +318,7 @@ class MoELayer:
                                  f"({self._fallback_reason})")
             fallback(self._fallback_reason)
             return kind, True
+        _fork.check_device_use("an MoELayer whose weights are on a SYCL device")
         if is_device_array(hidden_states) and hidden_states.sycl_queue != self.queue:
             raise ValueError(f"hidden_states must be on the layer's queue ({self.device}); "
                              "it is on another queue")

@@ -25,15 +25,16 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import threading
 from typing import Any
 
 import numpy as np
 
+from . import _fork
+
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 _GEMM_ARGS = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-_lock = threading.Lock()
+_lock = _fork.lock("dpmoe.onemkl_host")
 _lib: Any = None
 _load_error: str | None = None
 

@@ -19,10 +19,11 @@ import json
 import os
 import re
 import sys
-import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
+
+from . import _fork
 
 PACKAGED_DIR = Path(__file__).parent / "tuned"
 PATHS = ("grouped", "per_token")
@@ -33,7 +34,7 @@ PATHS = ("grouped", "per_token")
 DEFAULT_PER_TOKEN_MAX_TOKENS = 16
 
 _warned = False
-_lock = threading.Lock()
+_lock = _fork.lock("dpmoe.tuning")
 
 
 class DefaultConfigWarning(UserWarning):

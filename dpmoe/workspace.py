@@ -12,12 +12,12 @@ call ends). :func:`clear` frees every kept set, whichever thread used it.
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 
+from . import _fork
 from .arrays import empty, view
 
 # Bytes of idle buffers kept between calls, all threads together: one prefill of the
@@ -55,7 +55,7 @@ class Workspace:
     def __init__(self, limit: int = DEFAULT_LIMIT):
         self.limit = int(limit)
         self._idle: list[Buffers] = []
-        self._lock = threading.Lock()
+        self._lock = _fork.lock("dpmoe.workspace")
         self._generation = 0
 
     @property

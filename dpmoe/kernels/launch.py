@@ -10,16 +10,16 @@ Python type. Anything new goes through ``call_kernel`` once, which compiles it.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
+from .. import _fork
 from ..device import dpnp
 
 _entry_points: dict[tuple, tuple[Any, Any]] = {}
-_lock = threading.Lock()
+_lock = _fork.lock("dpmoe.kernels.launch")
 
 
 def _type_key(value: Any) -> tuple:

@@ -78,6 +78,8 @@ def fused_moe_forward(
     Returns:
         [T, H] array of hidden_states' dtype (NumPy for NumPy inputs, dpnp otherwise).
     """
+    renormalize = validation.flag("renormalize", renormalize)
+    inplace = validation.flag("inplace", inplace)
     path = validation.execution_path(path, use_grouped_topk)
     x_kind = validation.float_array("hidden_states", hidden_states, 2)
     w_kind = validation.experts(gate_weights, up_weights, down_weights)
@@ -171,8 +173,14 @@ def fused_experts(
     """
     from .layouts import from_w13
 
-    for name, w in (("w13", w13), ("w2", w2)):
-        validation.array(name, w, 3)
+    kind = validation.float_array("w13", w13, 3)
+    if validation.float_array("w2", w2, 3) != kind:
+        raise TypeError(f"w2 must have w13's dtype ({w13.dtype}), got {w2.dtype}")
+    validation.float_array("hidden_states", hidden_states, 2)
+    validation.array("topk_ids", topk_ids, 2)
+    validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape),
+                          validation.expert_map(expert_map, w13.shape[0]))
+    validation.routing_weights("topk_weights", topk_weights, tuple(topk_ids.shape))
     # the conversion copies every weight where it lies (host or device): it must fit first
     where = w13.sycl_queue if is_device_array(w13) else None
     memory.check_fits(where, w13.nbytes + w2.nbytes, "fused_experts",

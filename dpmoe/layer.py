@@ -111,7 +111,7 @@ class MoELayer:
             num_experts, top_k, renormalize, scoring, num_expert_group, topk_group,
             correction_bias, routed_scaling_factor)
         if router_bias is not None:
-            validation.routing_weights("router_bias", router_bias, (num_experts,))
+            validation.routing_weights("router_bias", router_bias, (num_experts,), "[E]")
         validation.expert_options(num_experts, hidden, inter, activation, gate_bias, up_bias,
                                   down_bias, 1.0, alpha, limit)
         self.activation = activation

@@ -25,7 +25,7 @@ def intermediate_budget() -> int:
     value = os.environ.get("DPMOE_MAX_INTERMEDIATE_BYTES", "").strip()
     if not value:
         return MAX_INTERMEDIATE_BYTES
-    if not value.isdigit() or int(value) == 0:
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
         raise ValueError("DPMOE_MAX_INTERMEDIATE_BYTES must be a positive whole number of "
                          f"bytes (e.g. 268435456), got {value!r}")
     return int(value)

@@ -70,7 +70,9 @@ def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring
     """Validates a routing convention (errors name the argument); ``correction_bias`` is
     checked for shape [E] and finiteness. ``epsilon`` None: DeepSeek's (1e-20) for sigmoid
     scoring, groups, a bias or a scale, else 0."""
+    num_experts = validation.positive_int("num_experts", num_experts)
     top_k = validation.positive_int("top_k", top_k, 1, num_experts)
+    renormalize = validation.flag("renormalize", renormalize)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     num_groups = validation.positive_int("num_expert_group", num_expert_group, 1,
@@ -85,7 +87,7 @@ def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring
                          f"{topk_group * group_size}, got {top_k}")
     scale = validation.finite_number("routed_scaling_factor", routed_scaling_factor)
     if correction_bias is not None:
-        validation.routing_weights("correction_bias", correction_bias, (num_experts,))
+        validation.routing_weights("correction_bias", correction_bias, (num_experts,), "[E]")
         if num_groups > 1 and group_size < 2:
             raise ValueError("correction_bias needs at least 2 experts per group (a group "
                              "scores the sum of its two best biased scores)")
@@ -96,6 +98,8 @@ def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring
     if epsilon is None:
         deepseek = scoring == "sigmoid" or num_groups > 1 or has_bias or scale != 1.0
         epsilon = GROUPED_EPSILON if deepseek else 0.0
+    elif validation.finite_number("epsilon", epsilon) < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
     return RoutingSpec(num_experts, top_k, bool(renormalize), scoring, num_groups, topk_group,
                        has_bias, scale, float(epsilon))
 

@@ -58,12 +58,19 @@ def config_file_name(num_experts: int, inter: int, dtype: str, device_name: str)
 
 @lru_cache(maxsize=None)
 def _load(path: Path, modified: float) -> dict[int, dict]:
-    with open(path) as f:
-        configs = {int(tokens): dict(choice) for tokens, choice in json.load(f).items()}
-    for choice in configs.values():  # files written before the keyword existed
-        choice["path"] = choice["path"].replace("-", "_")
-        if choice["path"] not in PATHS:
-            raise ValueError(f"{path}: path must be one of {PATHS}, got {choice['path']!r}")
+    try:
+        with open(path) as f:
+            configs = {int(tokens): dict(choice) for tokens, choice in json.load(f).items()}
+        for choice in configs.values():  # files written before the keyword existed
+            choice["path"] = str(choice["path"]).replace("-", "_")
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"tuned config {path} is malformed ({exc}); expected "
+                         '{"<tokens>": {"path": "grouped" | "per_token"}, ...}: fix or delete it'
+                         ) from None
+    bad = [c["path"] for c in configs.values() if c["path"] not in PATHS]
+    if not configs or bad:
+        raise ValueError(f"tuned config {path}: paths must be one of {PATHS} (at least one "
+                         f"entry), got {bad or 'no entries'}")
     return configs
 
 
@@ -133,7 +140,9 @@ def save_configs(configs: dict[int, dict], num_experts: int, inter: int, dtype: 
     path = Path(directory or user_config_dir()) / config_file_name(num_experts, inter, dtype,
                                                                   device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # a reader never sees half a file
+    with open(partial, "w") as f:
         json.dump({str(t): configs[t] for t in sorted(configs)}, f, indent=1)
         f.write("\n")
+    os.replace(partial, path)
     return path

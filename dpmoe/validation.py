@@ -194,14 +194,27 @@ def expert_ids(name: str, a: Any, expected_shape: tuple[int, ...], num_experts: 
         )
 
 
-def routing_weights(name: str, a: Any, expected_shape: tuple[int, ...]) -> None:
-    """Real float weights of shape ``expected_shape`` (converted to float32 by the caller)."""
+def routing_weights(name: str, a: Any, expected_shape: tuple[int, ...],
+                    meaning: str = "[num_tokens, top_k]") -> None:
+    """Real float weights of shape ``expected_shape``, finite in float32 (the caller
+    converts them to float32)."""
     array(name, a, len(expected_shape))
     dt = np.dtype(a.dtype)
     if not (np.issubdtype(dt, np.floating) or dt == BFLOAT16 or (is_device_array(a) and dt == np.uint16)):
         raise TypeError(f"{name} must have a float dtype (float32 preferred), got {dt}")
-    shape(name, a, expected_shape, "[num_tokens, top_k]")
+    shape(name, a, expected_shape, meaning)
+    if dt.itemsize > 4 and not is_device_array(a):  # finite in float64 may be inf in float32
+        with np.errstate(over="ignore"):
+            a = a.astype(np.float32)
     finite(name, a)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool (or an int 0/1, NumPy's included)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                                and int(value) in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def finite(name: str, a: Any) -> None:

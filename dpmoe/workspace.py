@@ -12,6 +12,8 @@ call ends). :func:`clear` frees every kept set, whichever thread used it.
 
 from __future__ import annotations
 
+import numbers
+
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -99,8 +101,11 @@ def clear() -> None:
 
 def set_limit(nbytes: int) -> None:
     """Keep at most ``nbytes`` of idle buffers between calls (0: keep none)."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__} {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    nbytes = int(nbytes)
     WORKSPACE.limit = nbytes
     if WORKSPACE.held_bytes > nbytes:
         WORKSPACE.clear()

@@ -76,3 +76,27 @@ def test_use_grouped_topk_still_selects_the_path(rng):
     a = dpmoe.fused_moe_forward(x, gate, up, down, weights, ids, 2, True, False, False)
     b = dpmoe.fused_moe_forward(x, gate, up, down, weights, ids, 2, True, path="per_token")
     np.testing.assert_array_equal(a, b)  # the per-token path is deterministic
+
+
+@needs_device
+@pytest.mark.parametrize("content", ["{not json", "{}", '{"1": {}}', "[1, 2]", '{"x": {"path": "grouped"}}'])
+def test_malformed_tuned_file_is_named(no_tuned_configs, content):
+    queue = dpmoe.device.default_queue()[0]
+    name = tuning.config_file_name(4, 24, "float32", queue.sycl_device.name)
+    (no_tuned_configs / name).write_text(content)
+    with pytest.raises(ValueError, match="malformed|paths must be"):
+        dpmoe.explain(3, 16, 24, 4)
+
+
+@needs_device
+def test_tiny_bf16_layers_are_not_packed():
+    """oneMKL's packed format costs at least ~9 MiB a matrix: not for 12 KiB experts."""
+    from conftest import BF16
+
+    layer = dpmoe.MoELayer(64, 96, 4, top_k=2, dtype="bfloat16", seed=0)
+    plan = layer.plan(8, path="grouped")
+    if plan.gemm != "onemkl-host-bf16":
+        pytest.skip("oneMKL's host bf16 GEMM is not available on this device")
+    x = normal(np.random.default_rng(0), (8, 64), BF16)
+    assert_close(layer(x), layer.reference(x))
+    assert layer._experts.packed() is None

@@ -203,3 +203,26 @@ def test_torch_tensor_gets_a_conversion_hint():
 def test_path_keyword_is_checked(problem):
     with pytest.raises(ValueError, match="path"):
         dpmoe.fused_moe_forward(**problem, path="fast")
+
+
+@pytest.mark.parametrize("value", [None, "no", 0.5])
+def test_renormalize_must_be_a_bool(problem, value):
+    with pytest.raises(TypeError, match="renormalize"):
+        dpmoe.fused_moe_forward(**problem, renormalize=value)
+
+
+def test_float64_weights_must_be_finite_in_float32(problem):
+    weights = problem["topk_weights"].astype(np.float64)
+    weights[1, 0] = 1e39
+    before = problem["hidden_states"].copy()
+    with pytest.raises(ValueError, match="topk_weights"):
+        dpmoe.fused_moe_forward(**with_(problem, topk_weights=weights), inplace=True)
+    np.testing.assert_array_equal(problem["hidden_states"], before)
+
+
+def test_fused_experts_names_its_own_arguments(problem):
+    w13 = np.zeros((E, 2 * I, H), np.float32)
+    w2 = np.zeros((E, H, I), np.float32)
+    with pytest.raises(ValueError, match="topk_ids"):
+        dpmoe.fused_experts(problem["hidden_states"], w13, w2, problem["topk_weights"],
+                            np.full((T, K), E, np.int32))

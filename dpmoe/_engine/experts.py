@@ -46,6 +46,8 @@ class ExpertOptions:
 
 
 DEFAULT_OPTIONS = ExpertOptions()
+# Packed bf16 weights larger than this many times their bf16 bytes are not made.
+PACKED_MAX_RATIO = 4
 
 
 def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int]) -> int:
@@ -109,16 +111,25 @@ class ExpertWeights:
         """Bytes the next call through backend ``gemm`` (an :class:`ExecutionPlan`'s)
         allocates for derived weights: packed bf16 or widened float32 copies."""
         if gemm == "onemkl-host-bf16":
-            if not self.persistent or self._packed is not None:
+            if not self.packing_pays() or self._packed is not None:
                 return 0
             num_experts, hidden, inter = self.shape
             return num_experts * (2 * onemkl_host.packed_size(inter, hidden)
                                   + onemkl_host.packed_size(hidden, inter))
         return 0 if self._float32 is not None else widened_bytes(gemm, self.kind, self.shape)
 
+    def packing_pays(self) -> bool:
+        """Whether packed copies are worth their bytes: for weights reused over calls, and
+        not for tiny experts (oneMKL's packed format took 2.4-2.9x the bf16 bytes at the
+        benchmark's shapes, but at least about 9 MiB per matrix)."""
+        num_experts, hidden, inter = self.shape
+        return self.persistent and (onemkl_host.packed_size(inter, hidden)
+                                    <= PACKED_MAX_RATIO * 2 * hidden * inter)
+
     def packed(self) -> tuple[list, list, list] | None:
-        """Per expert, gate/up/down in oneMKL's packed bf16 format (persistent weights only)."""
-        if not self.persistent:
+        """Per expert, gate/up/down in oneMKL's packed bf16 format (None unless
+        :meth:`packing_pays`)."""
+        if not self.packing_pays():
             return None
         if self._packed is None:
             num_experts, hidden, inter = self.shape
@@ -132,7 +143,6 @@ class ExpertWeights:
     def float32(self) -> tuple[Any, Any, Any]:
         if self._float32 is not None:
             return self._float32
-        widened = tuple(widen(w, self.kind) for w in (self.gate, self.up, self.down))
-        if self.persistent:
-            self._float32 = widened
-        return widened
+        # kept for the object's life: a call's chunks widen once (a layer's: once for good)
+        self._float32 = tuple(widen(w, self.kind) for w in (self.gate, self.up, self.down))
+        return self._float32

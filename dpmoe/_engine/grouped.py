@@ -55,7 +55,8 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
     if bf16:
         # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
         # for the down GEMM, as any bf16 GEMM pipeline does
-        packed = experts.packed()
+        several = any(count > 1 for _, _, count in layout.segments)
+        packed = experts.packed() if several else None  # single rows read weights in place
         rows, a_rows = token_rows("bfloat16")
         gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
                                       packed=packed and packed[:2], a_rows=a_rows,

@@ -88,9 +88,9 @@ def moe_align_block_size(
     arrays = {"topk_ids": topk_ids, "expert_map": expert_map, **buffers}
 
     def on_device(queue: Any) -> tuple[Any, Any, Any] | None:
-        need = alignment_bytes(topk_ids.size, num_experts, block_size) + 4 * topk_ids.size
-        memory.check_fits(queue, need, "moe_align_block_size",
-                          f"int32 ids and alignment arrays {memory.size(need)}")
+        memory.check_fits(queue, "moe_align_block_size", {
+            "int32 ids and alignment arrays":
+                alignment_bytes(topk_ids.size, num_experts, block_size) + 4 * topk_ids.size})
         ids = ids_to_device(local_ids(topk_ids, expert_map), queue)
         in_place = all(given) and all(is_device_array(b) for b in buffers.values())
         aligned = align_on_device(ids, num_experts, block_size,

@@ -42,15 +42,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
 
 from . import info, reference
 from .configs import MODEL_CONFIGS, describe
-from .tuning import PATHS, DefaultConfigWarning
+from .arrays import HOST_DTYPE, to_device
+from .tuning import PATHS, DefaultConfigWarning, user_config_dir
 
-HOST_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 TESTS = ("moe", "silu", "align", "routing", "overhead")
 WARMUP = 2
 REFERENCE_MAX_TOKENS = 16
@@ -131,14 +129,6 @@ def _torch() -> Any:
     except ImportError:
         return None
     return torch
-
-
-def upload(a: np.ndarray, queue: Any) -> Any:
-    """A NumPy array as the dpnp array dpmoe takes (bfloat16 as uint16 bits)."""
-    a = np.ascontiguousarray(a)
-    if a.dtype == HOST_DTYPE["bfloat16"]:
-        a = a.view(np.uint16)
-    return _dpnp().asarray(a, sycl_queue=queue)
 
 
 def cpu_info() -> dict[str, str]:
@@ -336,8 +326,8 @@ class Workload:
         self._torch_weights = None
 
     def device_inputs(self, p: dict) -> tuple[Any, list[tuple[Any, Any]]]:
-        x = upload(p["x"], self.queue)
-        routings = [(upload(w, self.queue), upload(i, self.queue)) for w, i in p["routings"]]
+        x = to_device(p["x"], self.queue)
+        routings = [(to_device(w, self.queue), to_device(i, self.queue)) for w, i in p["routings"]]
         return x, routings
 
     def experts_call(self, x: Any, routings: list, path: str) -> Rotating:
@@ -528,7 +518,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
     if test == "silu":
         h = rng.standard_normal((num_tokens * top_k, 2 * inter), dtype=np.float32)
         h = h.astype(HOST_DTYPE[dtype])
-        d = upload(h, queue)
+        d = to_device(h, queue)
         record(row, "dpmoe_ms", sample_times(lambda: (silu_and_mul(d), queue.wait()), repeats))
         record(row, "reference_ms", sample_times(lambda: reference.silu_and_mul(h), repeats))
         if torch is not None:
@@ -538,14 +528,14 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
     elif test == "align":
         logits = rng.standard_normal((num_tokens, experts), dtype=np.float32)
         _, ids = reference.topk_softmax(logits, top_k)
-        d = upload(ids, queue)
+        d = to_device(ids, queue)
         record(row, "dpmoe_ms", sample_times(
             lambda: (moe_align_block_size(d, experts, 16), queue.wait()), repeats))
         record(row, "reference_ms", sample_times(
             lambda: reference.moe_align_block_size(ids, experts, 16), repeats))
     elif test == "routing":
         logits = rng.standard_normal((num_tokens, experts), dtype=np.float32)
-        d = upload(logits, queue)
+        d = to_device(logits, queue)
         record(row, "dpmoe_ms", sample_times(
             lambda: (topk_softmax(d, top_k, True), queue.wait()), repeats))
         record(row, "reference_ms", sample_times(
@@ -697,15 +687,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _user_config_dir() -> str:
-    try:
-        from .tuning import user_config_dir
-
-        return str(user_config_dir())
-    except ImportError:
-        return "the user's folder"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dpmoe.bench", description=__doc__, formatter_class=_HelpFormatter,
@@ -743,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "tuned config for each --config and --dtype")
     parser.add_argument("--tune-dir", default=None, metavar="DIR",
                         help="where --tune writes (default: dpmoe.tuning.user_config_dir(), "
-                             "here " + _user_config_dir().replace("%", "%%") + ": "
+                             "here " + str(user_config_dir()).replace("%", "%%") + ": "
                              "DPMOE_TUNED_CONFIG_DIR if set, else the user's cache folder; "
                              "dpmoe reads it before the configs shipped in the package)")
     return parser
@@ -843,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     if untuned:
         notes.append("plan: no tuned config for " + ", ".join(f"{c} {d}" for c, d in untuned)
                      + " on this device, the default chose the path; `--tune` writes one to "
-                     + str(_user_config_dir()))
+                     + str(str(user_config_dir())))
     for note in notes:
         print(note)
     out = Path(args.json).resolve()

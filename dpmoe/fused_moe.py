@@ -183,8 +183,8 @@ def fused_experts(
     validation.routing_weights("topk_weights", topk_weights, tuple(topk_ids.shape))
     # the conversion copies every weight where it lies (host or device): it must fit first
     where = w13.sycl_queue if is_device_array(w13) else None
-    memory.check_fits(where, w13.nbytes + w2.nbytes, "fused_experts",
-                      f"weights converted to dpmoe's layout {memory.size(w13.nbytes + w2.nbytes)}")
+    memory.check_fits(where, "fused_experts",
+                      {"weights converted to dpmoe's layout": w13.nbytes + w2.nbytes})
     gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
     gate_bias = up_bias = None
     if b13 is not None:

@@ -92,8 +92,7 @@ def grouped_gemm_moe(
                  "routing metadata": 4 * 3 * n_slots
                  + (0 if gemm else alignment_bytes(n_slots, num_experts, DEFAULT_BLOCK_SIZE)),
                  "result": D.nbytes}
-        memory.check_fits(queue, sum(parts.values()), "grouped_gemm_moe", ", ".join(
-            f"{name} {memory.size(n)}" for name, n in parts.items() if n))
+        memory.check_fits(queue, "grouped_gemm_moe", parts)
         ids = ids_to_device(topk_indices, queue)
         if gemm is not None:
             layout = plan_host_layout(ids, num_experts, top_k)

@@ -59,10 +59,10 @@ class MoELayer:
         itemsize = HOST_DTYPE[kind].itemsize
         weights = (3 * experts * inter + 3 * shared) * hidden
         # host arrays (a float32 draw per tensor, then its dtype), plus their device copies
-        memory.check_fits(queue, weights * (itemsize * (1 if queue is None else 2) + 4)
-                          + 2 * hidden * experts * 4, "MoELayer",
-                          f"{memory.size(weights * itemsize)} of {kind} weights, "
-                          "on the host and on the device")
+        memory.check_fits(queue, "MoELayer", {
+            f"{kind} weights on the host (drawn in float32)": weights * (itemsize + 4),
+            "their device copies": 0 if queue is None else weights * itemsize,
+            "router": 2 * hidden * experts * 4})
         rng = np.random.default_rng(seed)
 
         def normal(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
@@ -141,8 +141,9 @@ class MoELayer:
         # the device copies (and host copies of dpnp weights) must fit before any is made
         on_device = sum(a.nbytes for a in given.values() if a is not None)
         from_device_copies = sum(a.nbytes for a in given.values() if is_device_array(a))
-        memory.check_fits(queue, (on_device if queue is not None else 0) + from_device_copies,
-                          "MoELayer", f"weights {memory.size(on_device)}")
+        memory.check_fits(queue, "MoELayer", {
+            "weights copied to the device": on_device if queue is not None else 0,
+            "host copies of dpnp weights": from_device_copies})
         self._host = {k: None if v is None else to_host(v) for k, v in given.items()}
         self.queue = queue
         self._fallback_reason = reason

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 # one chunk of tokens; well under the 4 GiB single-allocation cliff. Override with the
 # DPMOE_MAX_INTERMEDIATE_BYTES environment variable.
 MAX_INTERMEDIATE_BYTES = 1 << 30
-GIB = float(1 << 30)
 
 
 def intermediate_budget() -> int:
@@ -93,9 +92,11 @@ def size(nbytes: float) -> str:
     return f"{nbytes / 1024:.1f} KiB"
 
 
-def check_fits(queue: Any, need: int, what: str, breakdown: str) -> None:
-    """Raise MemoryError before allocating when ``need`` bytes cannot fit on the device
-    (``queue`` None: in the host's memory)."""
+def check_fits(queue: Any, what: str, parts: dict[str, int]) -> None:
+    """Raise MemoryError before allocating when ``parts`` (bytes by what they hold) cannot
+    fit together on the device (``queue`` None: in the host's memory)."""
+    need = sum(parts.values())
+    breakdown = ", ".join(f"{name} {size(nbytes)}" for name, nbytes in parts.items() if nbytes)
     if queue is None:
         free = _host_available()
         total, where = free, "the host"

@@ -34,9 +34,7 @@ def check_memory(plan: ExecutionPlan, queue: Any, what: str, **parts: int) -> No
             "(DPMOE_MAX_INTERMEDIATE_BYTES)")
     named = {name.replace("_", " "): size for name, size in parts.items()}
     named[f"intermediates of {min(plan.chunk_tokens, plan.num_tokens)} tokens"] = plan.chunk_bytes
-    breakdown = ", ".join(f"{name} {memory.size(nbytes)}"
-                          for name, nbytes in named.items() if nbytes)
-    memory.check_fits(queue, sum(named.values()), what, breakdown)
+    memory.check_fits(queue, what, named)
 
 
 def run(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights, topk_weights: Any,

@@ -20,6 +20,7 @@ from ._engine import forward
 from ._engine.convert import narrow, widen
 from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights
 from ._engine.gemm import dense_matmul
+from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
 from .arrays import HOST_DTYPE, empty, from_device, to_device, to_host
 from .device import default_queue, dpnp, fallback, is_device_array, returns_numpy
@@ -91,7 +92,11 @@ class MoELayer:
         ``routed_scaling_factor`` (grouped routing, :func:`dpmoe.grouped_topk`'s rules);
         ``activation``, ``alpha``, ``limit``, ``gate_bias``/``up_bias`` [E, I], ``down_bias``
         [E, H] (experts); ``shared_gate_proj``/``shared_up_proj`` [H, Is],
-        ``shared_down_proj`` [Is, H] and ``shared_expert_gate`` [H, 1] (shared expert).
+        ``shared_down_proj`` [Is, H] and ``shared_expert_gate`` [H, 1] (shared expert);
+        ``held_experts`` [E_held] int: a shard that holds only these global experts (gate,
+        up, down and their biases are theirs, in that order; the router still covers all E):
+        slots routed to other experts add nothing, as with ``fused_moe_forward``'s
+        ``expert_map`` (expert parallelism, see :mod:`dpmoe.distributed`).
         """
         layer = cls.__new__(cls)
         layer._setup(router, gate, up, down, top_k, renormalize, device, **options)
@@ -101,18 +106,21 @@ class MoELayer:
                scoring="softmax", num_expert_group=1, topk_group=1, correction_bias=None,
                routed_scaling_factor=1.0, activation="silu", alpha=1.702, limit=7.0,
                gate_bias=None, up_bias=None, down_bias=None, shared_gate_proj=None,
-               shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None) -> None:
+               shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
+               held_experts=None) -> None:
         validation.float_array("router", router, 2)
         self.kind = validation.experts(gate, up, down)
-        num_experts, hidden, inter = gate.shape
+        num_held, hidden, inter = gate.shape
+        num_experts = num_held if held_experts is None else router.shape[1]
         validation.shape("router", router, (hidden, num_experts), "[H, E]")
         self.hidden_size, self.intermediate_size, self.num_experts = hidden, inter, num_experts
+        self.held_experts = validation.held_experts(held_experts, num_held, num_experts)
         self.routing: RoutingSpec = routing_spec(
             num_experts, top_k, renormalize, scoring, num_expert_group, topk_group,
             correction_bias, routed_scaling_factor)
         if router_bias is not None:
             validation.routing_weights("router_bias", router_bias, (num_experts,), "[E]")
-        validation.expert_options(num_experts, hidden, inter, activation, gate_bias, up_bias,
+        validation.expert_options(num_held, hidden, inter, activation, gate_bias, up_bias,
                                   down_bias, 1.0, alpha, limit)
         self.activation = activation
         shared = {"gate": shared_gate_proj, "up": shared_up_proj, "down": shared_down_proj}
@@ -145,6 +153,11 @@ class MoELayer:
             "weights copied to the device": on_device if queue is not None else 0,
             "host copies of dpnp weights": from_device_copies})
         self._host = {k: None if v is None else to_host(v) for k, v in given.items()}
+        # global id -> held id, -1 elsewhere (None: the layer holds every expert)
+        self._expert_map = None
+        if not np.array_equal(self.held_experts, np.arange(num_experts)):
+            self._expert_map = np.full(num_experts, -1, np.int32)
+            self._expert_map[self.held_experts] = np.arange(num_held, dtype=np.int32)
         self.queue = queue
         self._fallback_reason = reason
         if queue is None:
@@ -165,6 +178,7 @@ class MoELayer:
             as_stack = [h["shared_gate"][None], h["shared_up"][None], h["shared_down"][None]]
             self._shared = ExpertWeights(*as_stack, self.kind, queue, persistent=True)
         self._shared_gate = f32(h["shared_expert_gate"])
+        self._device_map = None if self._expert_map is None else to_device(self._expert_map, queue)
 
     @property
     def top_k(self) -> int:
@@ -180,8 +194,22 @@ class MoELayer:
         return None if self.queue is None else self.queue.sycl_device.filter_string
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Host copies of the weights: router, gate, up, down (and any others given)."""
+        """Host copies of the weights: router, gate, up, down (and any others given; of a
+        shard, its held experts')."""
         return {k: v for k, v in self._host.items() if v is not None}
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments of :meth:`from_numpy` that rebuild this layer, weights as host
+        copies: ``MoELayer.from_numpy(**layer.arguments(), device=...)``."""
+        h, r = self._host, self.routing
+        names = {"shared_gate": "shared_gate_proj", "shared_up": "shared_up_proj",
+                 "shared_down": "shared_down_proj"}
+        given = {names.get(k, k): v for k, v in h.items() if v is not None}
+        return dict(given, top_k=r.top_k, renormalize=r.renormalize, scoring=r.scoring,
+                    num_expert_group=r.num_expert_group, topk_group=r.topk_group,
+                    routed_scaling_factor=r.routed_scaling_factor, activation=self.activation,
+                    alpha=self._alpha, limit=self._limit,
+                    held_experts=None if self._expert_map is None else self.held_experts)
 
     def plan(self, num_tokens: int, hidden_dtype: Any = None, path: str = "auto"
              ) -> ExecutionPlan | None:
@@ -202,7 +230,8 @@ class MoELayer:
         r, h = self.routing, self._host
         return reference.moe_block(
             to_host(hidden_states), h, r.top_k, r.renormalize, r.scoring, r.num_expert_group,
-            r.topk_group, r.routed_scaling_factor, self.activation, self._alpha, self._limit)
+            r.topk_group, r.routed_scaling_factor, self.activation, self._alpha, self._limit,
+            self._expert_map)
 
     def route(self, hidden_states: Any) -> tuple[Any, Any]:
         """(topk_weights [T, k] float32, topk_ids [T, k] int32) for ``hidden_states`` [T, H]."""
@@ -213,23 +242,21 @@ class MoELayer:
         weights, ids = self._route(widen(x, kind))
         return (to_host(weights), to_host(ids)) if as_numpy else (weights, ids)
 
-    def __call__(self, hidden_states: Any) -> Any:
-        """``hidden_states`` [T, H] (float32/float16/bfloat16) -> [T, H] of the same dtype."""
+    def __call__(self, hidden_states: Any, *, path: str = "auto") -> Any:
+        """``hidden_states`` [T, H] (float32/float16/bfloat16) -> [T, H] of the same dtype.
+        ``path``: "auto" (:meth:`plan`), "grouped" or "per_token"."""
         kind, as_numpy = self._check(hidden_states)
+        path = validation.execution_path(path)
         if self.queue is None:
             return self.reference(to_host(hidden_states))
-        plan, shared_plan = self._checked_plans(hidden_states, kind, "auto")
+        plan, shared_plan = self._checked_plans(hidden_states, kind, path)
         x = to_device(hidden_states, self.queue)
         x32 = widen(x, kind)
         weights, ids = self._route(x32)
         out_kind = kind if self._shared is None else "float32"
-        out = forward.run(plan, x, kind, self._experts, weights, ids, False, self._options,
-                          out_kind)
-        if self._shared is not None:
-            shared = self._shared_out(x, kind, x32, shared_plan)
-            shared += out
-            out = narrow(shared, kind)
-        return from_device(out, kind, as_numpy)
+        out = forward.run(plan, x, kind, self._experts, weights, self._held_ids(ids), False,
+                          self._options, out_kind)
+        return from_device(self._add_shared(out, x, kind, x32, shared_plan), kind, as_numpy)
 
     def experts(self, hidden_states: Any, topk_weights: Any, topk_ids: Any, *,
                 path: str = "auto") -> Any:
@@ -255,6 +282,7 @@ class MoELayer:
             return reference.fused_moe_forward(
                 to_host(hidden_states), h["gate"], h["up"], h["down"], to_host(topk_weights),
                 to_host(topk_ids), self.top_k, False, activation=self.activation,
+                expert_map=self._expert_map,
                 gate_bias=h["gate_bias"], up_bias=h["up_bias"], down_bias=h["down_bias"],
                 alpha=self._alpha, limit=self._limit)
         for name, a in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
@@ -262,7 +290,7 @@ class MoELayer:
                 raise ValueError(f"{name} must be on the layer's queue ({self.device})")
         plan, _ = self._checked_plans(hidden_states, kind, path, shared=False)
         out = forward.run(plan, to_device(hidden_states, self.queue), kind, self._experts,
-                          topk_weights, topk_ids, False, self._options)
+                          topk_weights, self._held_ids(topk_ids), False, self._options)
         return from_device(out, kind, returns_numpy(
             {"hidden_states": hidden_states, "topk_weights": topk_weights, "topk_ids": topk_ids}))
 
@@ -287,6 +315,20 @@ class MoELayer:
             parts["shared_derived_weights"] = self._shared.derived_bytes(shared_plan.gemm)
         forward.check_memory(plan, self.queue, "MoELayer", **parts)
         return plan, shared_plan
+
+    def _held_ids(self, ids: Any) -> Any:
+        """Routed (global) expert ids as ids of the held experts, -1 for the others."""
+        return ids if self._device_map is None else local_ids(ids, self._device_map)
+
+    def _add_shared(self, routed: Any, x: Any, kind: str, x32: Any,
+                    plan: ExecutionPlan | None) -> Any:
+        """The routed experts' output (storage form, float32 when there is a shared expert)
+        plus the shared expert's, rounded once to ``kind``."""
+        if self._shared is None:
+            return routed
+        shared = self._shared_out(x, kind, x32, plan)
+        shared += routed
+        return narrow(shared, kind)
 
     def _shared_out(self, x: Any, kind: str, x32: Any, plan: ExecutionPlan) -> Any:
         """The shared expert as a one-expert MoE whose routing weight is its gate, float32."""

@@ -290,27 +290,38 @@ def route_block(
                         w.get("correction_bias"), routed_scaling_factor)
 
 
+def shared_expert(hidden_states: np.ndarray, w: dict) -> np.ndarray:
+    """The shared expert of :class:`dpmoe.MoELayer` in float32 (zeros when it has none):
+    ``down(silu(x @ gate) * (x @ up))``, scaled by ``sigmoid(x @ shared_expert_gate)`` when
+    that gate exists."""
+    x = _f32(hidden_states)
+    if w.get("shared_gate") is None:
+        return np.zeros(x.shape, F32)
+    shared = (silu(x @ _f32(w["shared_gate"])) * (x @ _f32(w["shared_up"]))) @ _f32(w["shared_down"])
+    if w.get("shared_expert_gate") is not None:
+        shared = sigmoid(x @ _f32(w["shared_expert_gate"])) * shared
+    return shared
+
+
 def moe_block(
     hidden_states: np.ndarray, w: dict, top_k: int = 2, renormalize: bool = True,
     scoring: str = "softmax", num_expert_group: int = 1, topk_group: int = 1,
     routed_scaling_factor: float = 1.0, activation: str = "silu", alpha: float = 1.702,
-    limit: float = 7.0,
+    limit: float = 7.0, expert_map: np.ndarray | None = None,
 ) -> np.ndarray:
     """A whole MoE block (see :class:`dpmoe.MoELayer`): routing, routed experts with their
     activation and biases, plus the shared expert (gated by sigmoid(x @ shared_expert_gate)
-    when present), summed in float32 and rounded once to the input's dtype."""
+    when present), summed in float32 and rounded once to the input's dtype. With
+    ``expert_map`` the experts in ``w`` are a shard (see :func:`fused_moe_forward`)."""
     weights, ids = route_block(hidden_states, w, top_k, renormalize, scoring, num_expert_group,
                                topk_group, routed_scaling_factor)
     x = _f32(hidden_states)
     out = _f32(fused_moe_forward(
         x, w["gate"], w["up"], w["down"], weights, ids, top_k, False, activation=activation,
         gate_bias=w.get("gate_bias"), up_bias=w.get("up_bias"), down_bias=w.get("down_bias"),
-        alpha=alpha, limit=limit))
+        expert_map=expert_map, alpha=alpha, limit=limit))
     if w.get("shared_gate") is not None:
-        shared = (silu(x @ _f32(w["shared_gate"])) * (x @ _f32(w["shared_up"]))) @ _f32(w["shared_down"])
-        if w.get("shared_expert_gate") is not None:
-            shared = sigmoid(x @ _f32(w["shared_expert_gate"])) * shared
-        out = out + shared
+        out = out + shared_expert(x, w)
     return out.astype(hidden_states.dtype)
 
 

@@ -153,6 +153,28 @@ def expert_map(a: Any, num_experts: int) -> int:
     return a.shape[0]
 
 
+def held_experts(a: Any, num_held: int, num_experts: int) -> np.ndarray:
+    """The global ids of the experts a layer shard holds (int32, in the order given):
+    ``num_held`` distinct ids in ``[0, num_experts)``; None means all, in order."""
+    if a is None:
+        return np.arange(num_experts, dtype=np.int32)
+    if is_device_array(a):
+        raise TypeError("held_experts must be a host sequence of ints, not a dpnp array")
+    ids = np.asarray(a)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise TypeError(f"held_experts must be a 1-D sequence of ints, got {ids.dtype} "
+                        f"of shape {ids.shape}")
+    if ids.size != num_held:
+        raise ValueError(f"held_experts names {ids.size} experts but gate_weights holds "
+                         f"{num_held}")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"held_experts must hold ids in [0, {num_experts}) (the router's "
+                         f"E), found {int(ids.min() if ids.min() < 0 else ids.max())}")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("held_experts must not name an expert twice")
+    return ids.astype(np.int32)
+
+
 PATHS = ("auto", "grouped", "per_token")
 
 

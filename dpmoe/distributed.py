@@ -1,0 +1,438 @@
+"""Expert parallelism over MPI: one MoE layer's experts spread over the ranks of a
+communicator, tokens exchanged with all-to-all.
+
+Each rank holds the router and the shared expert (replicated) and only its own experts, on
+its own SYCL device. A forward on a rank routes that rank's tokens, then:
+
+1. one ``Alltoall`` of (status, dtype, slot count) per destination rank: every rank learns
+   what it will receive, and all ranks refuse together when one rank's input was bad;
+2. one ``Alltoallv`` of the token rows of each slot (tokens in their storage dtype: 16-bit
+   floats travel as 16 bits) and one of the slots' expert ids (local to the receiver);
+3. the receiver runs its experts on those rows with the fused forward (each row one slot,
+   weight 1, output in float32);
+4. one ``Alltoallv`` back, in the order the rows came, so a slot's place in the reply says
+   which it is (no slot index travels);
+5. the source rank sums each token's k expert rows with its routing weights, in slot order,
+   with the same reduction kernel as :class:`dpmoe.MoELayer` and adds the shared expert.
+
+Expert outputs come back in float32 because the single-process layer sums them in float32
+and rounds once; with the per-token path on both sides the result is bit-identical to
+:class:`dpmoe.MoELayer` on the same tokens. On CPU devices device memory is host memory, so
+MPI reads and writes the device arrays in place; on other devices messages are staged
+through host copies.
+
+mpi4py is imported when a layer is built, not with dpmoe (``pip install "dpmoe[mpi]"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+from . import reference, validation
+from ._engine import forward
+from ._engine.convert import ids_to_device, weights_to_device, widen
+from ._engine.plan import ExecutionPlan, choose
+from ._engine.reduce import weighted_sum
+from .arrays import HOST_DTYPE, empty, flat, from_device, host_view, to_device, to_host
+from .device import dpnp, is_device_array
+from .layer import MoELayer
+from .pages import upload
+
+KIND_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
+_KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("dpmoe.distributed needs mpi4py and an MPI library: "
+                          'pip install "dpmoe[mpi]" (see the README, "Expert parallelism")'
+                          ) from exc
+    return MPI
+
+
+def contiguous_placement(num_experts: int, world_size: int) -> np.ndarray:
+    """The default placement: [E] int32 rank of each expert, contiguous ranges whose sizes
+    differ by at most one (rank r holds experts [r*E//N, (r+1)*E//N))."""
+    num_experts = validation.positive_int("num_experts", num_experts)
+    world_size = validation.positive_int("world_size", world_size)
+    return ((np.arange(num_experts, dtype=np.int64) * world_size) // num_experts).astype(np.int32)
+
+
+def _placement(placement: Any, num_experts: int, world_size: int) -> np.ndarray:
+    """A validated expert -> rank map: every expert on a rank in [0, N), every rank holding
+    at least one expert."""
+    if placement is None:
+        placement = contiguous_placement(num_experts, world_size)
+    if is_device_array(placement):
+        raise TypeError("placement must be a host sequence of ranks, not a dpnp array")
+    ranks = np.asarray(placement)
+    if ranks.ndim != 1 or not np.issubdtype(ranks.dtype, np.integer):
+        raise TypeError(f"placement must be a 1-D sequence of int ranks, got {ranks.dtype} of "
+                        f"shape {ranks.shape}")
+    if ranks.shape[0] != num_experts:
+        raise ValueError(f"placement must give a rank for each of the {num_experts} experts, "
+                         f"got {ranks.shape[0]}")
+    if ranks.min() < 0 or ranks.max() >= world_size:
+        raise ValueError(f"placement must hold ranks in [0, {world_size}) (the communicator's "
+                         f"size), found {int(ranks.min() if ranks.min() < 0 else ranks.max())}")
+    empty_ranks = np.setdiff1d(np.arange(world_size), ranks)
+    if empty_ranks.size:
+        raise ValueError(f"placement leaves rank(s) {empty_ranks.tolist()} without an expert; "
+                         "every rank must hold at least one (use fewer ranks)")
+    return ranks.astype(np.int32)
+
+
+def _agree(comm: Any, error: BaseException | None, *values: int) -> np.ndarray:
+    """Every rank's (ok, *values) row; raises on every rank when one of them failed, so
+    that no rank waits in a collective the failed one never reaches."""
+    mine = np.array([0 if error else 1, *values], np.int64)
+    rows = np.empty((comm.size, mine.size), np.int64)
+    comm.Allgather(mine, rows)
+    if error is not None:
+        raise error
+    failed = np.flatnonzero(rows[:, 0] == 0)
+    if failed.size:
+        raise RuntimeError(f"ExpertParallelMoE: rank(s) {failed.tolist()} failed (see their "
+                           "errors); this rank stopped with them")
+    return rows
+
+
+_ROW_TYPES: dict[int, Any] = {}
+
+
+def _row_type(nbytes: int) -> Any:
+    """An MPI datatype of one token row (counts are in rows: no 2**31-element limit)."""
+    if nbytes not in _ROW_TYPES:
+        _ROW_TYPES[nbytes] = _mpi().BYTE.Create_contiguous(nbytes).Commit()
+    return _ROW_TYPES[nbytes]
+
+
+def _displacements(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+
+
+class ExpertParallelMoE(MoELayer):
+    """An MoE block whose experts are spread over the ranks of an MPI communicator (see the
+    module docstring). Every rank builds it (a collective) and calls it (a collective) on its
+    own tokens; ranks may have different numbers of tokens, none included.
+
+    Built from this rank's shard: ``router`` [H, E] (the same on every rank), ``gate``/``up``
+    [E_r, H, I] and ``down`` [E_r, I, H] of the experts ``placement`` gives this rank, in
+    increasing id order (with their biases [E_r, I] / [E_r, H] if any). Use
+    :meth:`from_numpy` when every rank can read all experts' weights (each keeps its own)
+    and :meth:`from_layer` to spread an existing :class:`dpmoe.MoELayer`.
+
+    Args:
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
+        placement: [E] rank of each expert (default :func:`contiguous_placement`); every
+            rank must hold at least one expert.
+        device: this rank's device (dpctl filter string, SyclDevice or SyclQueue; default:
+            the default device). On one machine, one CPU device or sub-device per rank.
+        top_k, renormalize, options: as :meth:`dpmoe.MoELayer.from_numpy` (except
+            ``held_experts``, which the placement decides).
+    """
+
+    def __init__(self, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
+                 renormalize: bool = True, *, comm: Any = None, placement: Any = None,
+                 device: Any = None, **options: Any) -> None:
+        self.comm = _mpi().COMM_WORLD if comm is None else comm
+        error = None
+        fingerprint = 0
+        try:
+            if "held_experts" in options:
+                raise TypeError("ExpertParallelMoE takes no held_experts: the placement says "
+                                "which experts a rank holds")
+            validation.float_array("router", router, 2)
+            self.placement = _placement(placement, router.shape[1], self.comm.size)
+            held = np.flatnonzero(self.placement == self.comm.rank).astype(np.int32)
+            self._setup(router, gate, up, down, top_k, renormalize, device, held_experts=held,
+                        **options)
+            self._rows_held = np.zeros(self.num_experts, np.int32)  # global -> owner's local id
+            for rank in range(self.comm.size):
+                mine = self.placement == rank
+                self._rows_held[mine] = np.arange(int(mine.sum()), dtype=np.int32)
+            fingerprint = self._fingerprint()
+        except Exception as exc:  # the other ranks learn of it below instead of waiting
+            error = exc
+        rows = _agree(self.comm, error, fingerprint)
+        differs = np.flatnonzero(rows[:, 1] != rows[0, 1])
+        if differs.size:
+            raise ValueError(
+                f"ExpertParallelMoE: rank(s) {differs.tolist()} were given another router, "
+                "placement, expert shape, dtype or routing than rank 0; every rank must build "
+                "the same layer")
+
+    @classmethod
+    def from_numpy(cls, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
+                   renormalize: bool = True, device: Any = None, *, comm: Any = None,
+                   placement: Any = None, **options: Any) -> "ExpertParallelMoE":
+        """From all experts' weights (router [H, E], gate/up [E, H, I], down [E, I, H],
+        biases [E, ...]; host arrays, memory-mapped ones too): each rank copies only the
+        experts ``placement`` gives it. Other arguments as the constructor."""
+        comm = _mpi().COMM_WORLD if comm is None else comm
+        shard: dict[str, Any] = {}
+        error = None
+        try:
+            num_experts = validation.array("gate", gate, 3).shape[0]
+            held = np.flatnonzero(_placement(placement, num_experts, comm.size) == comm.rank)
+            for name, a in dict(gate=gate, up=up, down=down, gate_bias=options.get("gate_bias"),
+                                up_bias=options.get("up_bias"),
+                                down_bias=options.get("down_bias")).items():
+                if a is not None:
+                    validation.array(name, a, 3 if name in ("gate", "up", "down") else 2)
+                    if a.shape[0] != num_experts:
+                        raise ValueError(f"{name} must have one entry per expert ({num_experts}),"
+                                         f" got {a.shape[0]}")
+                    shard[name] = a[held]
+        except Exception as exc:
+            error = exc
+        _agree(comm, error)
+        options.update({k: v for k, v in shard.items() if k.endswith("_bias")})
+        return cls(router, shard["gate"], shard["up"], shard["down"], top_k, renormalize,
+                   comm=comm, placement=placement, device=device, **options)
+
+    @classmethod
+    def from_layer(cls, layer: MoELayer, *, comm: Any = None, placement: Any = None,
+                   device: Any = None) -> "ExpertParallelMoE":
+        """The experts of ``layer`` (an :class:`dpmoe.MoELayer` holding every expert, the same
+        on every rank, e.g. built with the same seed) spread over ``comm``."""
+        if not isinstance(layer, MoELayer):
+            raise TypeError(f"layer must be a dpmoe.MoELayer, got {type(layer).__name__}")
+        args = layer.arguments()
+        if args.pop("held_experts") is not None:
+            raise ValueError("layer must hold every expert (it is a shard)")
+        return cls.from_numpy(**args, device=device, comm=comm, placement=placement)
+
+    # -- collectives --------------------------------------------------------------------
+
+    def _fingerprint(self) -> int:
+        """What must agree between ranks, hashed: router, placement, shapes, dtype, routing."""
+        h = hashlib.blake2b(digest_size=7)
+        h.update(np.ascontiguousarray(self._host["router"]).tobytes())
+        h.update(self.placement.tobytes())
+        h.update(repr((self.hidden_size, self.intermediate_size, self.kind, self.routing,
+                       self.activation, self._alpha, self._limit)).encode())
+        return int.from_bytes(h.digest(), "little")
+
+    def _after_agreement(self, step: Callable[[], Any]) -> Any:
+        """Runs a step that follows the ranks' agreement on their inputs. A failure there
+        (out of memory, a bug) would leave the other ranks waiting in the next collective,
+        so it aborts the job (with more than one rank)."""
+        if self.comm.size == 1:
+            return step()
+        try:
+            return step()
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            self.comm.Abort(1)
+            raise  # Abort does not return; kept for readers and for tests that mock it
+
+    def _exchange_counts(self, error: BaseException | None, kind: str, dest: np.ndarray
+                         ) -> np.ndarray:
+        """Step 1: slots to send per rank -> slots to receive per rank. Raises on every rank
+        when a rank's input was refused or the ranks' token dtypes differ."""
+        size = self.comm.size
+        send = np.zeros((size, 3), np.int64)
+        send[:, 0] = 0 if error else 1
+        send[:, 1] = KIND_CODES.get(kind, 0)
+        if error is None:
+            send[:, 2] = np.bincount(dest, minlength=size)
+        recv = np.empty_like(send)
+        self.comm.Alltoall(send, recv)
+        if error is not None:
+            raise error
+        failed = np.flatnonzero(recv[:, 0] == 0)
+        if failed.size:
+            raise RuntimeError(f"ExpertParallelMoE: rank(s) {failed.tolist()} refused their "
+                               "input (see their errors); this rank stopped with them")
+        if (recv[:, 1] != recv[0, 1]).any():
+            kinds = ", ".join(f"rank {r} {_KIND_NAMES[int(c)]}" for r, c in enumerate(recv[:, 1]))
+            raise ValueError(f"hidden_states must have one dtype on every rank: {kinds}")
+        return recv[:, 2]
+
+    def _alltoallv(self, send: np.ndarray, send_counts: np.ndarray, recv: np.ndarray,
+                   recv_counts: np.ndarray) -> None:
+        """Rows of ``send`` (grouped by destination) to ``recv`` (grouped by source)."""
+        row = send.dtype.itemsize * int(np.prod(send.shape[1:], dtype=np.int64))
+        kind = _row_type(row)
+        self.comm.Alltoallv([send, (send_counts, _displacements(send_counts)), kind],
+                            [recv, (recv_counts, _displacements(recv_counts)), kind])
+
+    # -- the forward ----------------------------------------------------------------------
+
+    def __call__(self, hidden_states: Any, *, path: str = "auto") -> Any:
+        """This rank's tokens ``hidden_states`` [T, H] (float32/float16/bfloat16, the same
+        dtype on every rank) -> [T, H] of that dtype. A collective: every rank calls it.
+        ``path`` chooses how each rank runs its experts ("auto", "grouped", "per_token")."""
+        return self._forward(hidden_states, None, path)
+
+    def experts(self, hidden_states: Any, topk_weights: Any, topk_ids: Any, *,
+                path: str = "auto") -> Any:
+        """The routed experts alone on given routing (global ids in [0, E); weights used as
+        given), as :meth:`dpmoe.MoELayer.experts`, over all ranks' experts. A collective."""
+        return self._forward(hidden_states, (topk_weights, topk_ids), path)
+
+    def reference(self, hidden_states: Any) -> np.ndarray:
+        """The same block with NumPy math on each rank (its oracle), exchanged the same way.
+        A collective."""
+        return self._forward(hidden_states, None, "auto", on_host=True)
+
+    def plan(self, num_tokens: int, hidden_dtype: Any = None, path: str = "auto"
+             ) -> ExecutionPlan | None:
+        """How this rank runs its experts on ``num_tokens`` received rows (one slot each)."""
+        num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
+        x_kind = self.kind if hidden_dtype is None else validation.dtype_name("hidden_dtype",
+                                                                              hidden_dtype)
+        path = validation.execution_path(path)
+        if self.queue is None:
+            return None
+        return choose(self.queue, num_tokens, self._experts.shape, 1, x_kind, self.kind, path)
+
+    def _forward(self, hidden_states: Any, routing: tuple | None, path: str,
+                 on_host: bool = False) -> Any:
+        error, kind, dest = None, "", np.zeros(0, np.int64)
+        try:
+            kind, as_numpy = self._check(hidden_states, finite=routing is None)
+            path = validation.execution_path(path)
+            num_tokens = hidden_states.shape[0]
+            if routing is not None:
+                validation.routing_weights("topk_weights", routing[0], (num_tokens, self.top_k))
+                validation.expert_ids("topk_ids", routing[1], (num_tokens, self.top_k),
+                                      self.num_experts)
+            device = self.queue is not None and not on_host
+            shared_plan = None
+            if device:
+                for name, a in zip(("topk_weights", "topk_ids"), routing or ()):
+                    if is_device_array(a) and a.sycl_queue != self.queue:
+                        raise ValueError(f"{name} must be on the layer's queue ({self.device})")
+                shared_plan = self._checked_plans(hidden_states, kind, path,
+                                                  shared=routing is None)[1]
+                x = to_device(hidden_states, self.queue)
+                x32 = widen(x, kind) if routing is None else None
+                weights, ids = self._route(x32) if routing is None else (
+                    weights_to_device(routing[0], self.queue), ids_to_device(routing[1], self.queue))
+                ids_host = to_host(ids).reshape(-1)
+            else:
+                x = x32 = to_host(hidden_states)
+                weights, ids = (self._reference_route(x) if routing is None
+                                else (to_host(routing[0]), to_host(routing[1])))
+                ids_host = np.asarray(ids).reshape(-1)
+            dest = self.placement[ids_host]
+        except Exception as exc:
+            error = exc
+        recv_counts = self._exchange_counts(error, kind, dest)
+        return self._after_agreement(lambda: self._dispatch_and_combine(
+            x, x32, kind, as_numpy, weights, ids_host, dest, recv_counts, path, device,
+            routing is None, shared_plan))
+
+    def _dispatch_and_combine(self, x: Any, x32: Any, kind: str, as_numpy: bool, weights: Any,
+                              ids: np.ndarray, dest: np.ndarray, recv_counts: np.ndarray,
+                              path: str, device: bool, shared: bool,
+                              shared_plan: ExecutionPlan | None) -> Any:
+        """Steps 2-5 on agreed inputs: ``x`` [T, H] (storage form on the device, or host),
+        ``ids`` [T * k] global expert ids on the host, ``dest`` their ranks."""
+        num_tokens, hidden = x.shape
+        top_k = self.top_k
+        order = np.argsort(dest, kind="stable")  # slots grouped by destination rank
+        send_counts = np.bincount(dest, minlength=self.comm.size)
+        n_send, n_recv = int(order.size), int(recv_counts.sum())
+        queue = self.queue if device else None
+        storage = np.dtype(np.float32 if kind == "float32" else np.uint16)
+        if device:
+            parts = {"rows sent and received": (n_send + n_recv) * hidden * storage.itemsize,
+                     "expert outputs and replies (float32)": (n_send + n_recv) * hidden * 4}
+            plan = self.plan(n_recv, kind, path)
+            forward.check_memory(plan, queue, "ExpertParallelMoE", **{
+                k.replace(" ", "_"): v for k, v in parts.items()})
+
+        # 2. token rows and the receivers' expert ids out
+        send_rows, send_host = self._buffer((n_send, hidden), storage, queue)
+        np.take(self._readable(x, storage), order // top_k, axis=0, out=send_host)
+        recv_rows, recv_host = self._buffer((n_recv, hidden), storage, queue)
+        self._alltoallv(send_host, send_counts, recv_host, recv_counts)
+        recv_ids = np.empty(n_recv, np.int32)
+        self._alltoallv(np.ascontiguousarray(self._rows_held[ids[order]]), send_counts,
+                        recv_ids, recv_counts)
+        if device:
+            recv_rows = self._settled(recv_rows, recv_host, queue)
+
+        # 3. this rank's experts on the rows it got, one slot per row, float32 out
+        outputs = self._run_local(recv_rows if device else recv_host, kind, recv_ids, path,
+                                  queue)
+
+        # 4. expert outputs back, in the order the rows came
+        replies, replies_host = self._buffer((n_send, hidden), np.dtype(np.float32), queue)
+        self._alltoallv(self._readable(outputs, np.dtype(np.float32)), recv_counts,
+                        replies_host, send_counts)
+
+        # 5. each token's k rows summed with its weights in slot order, plus the shared expert
+        row_of_slot = np.empty(n_send, np.int32)
+        row_of_slot[order] = np.arange(n_send, dtype=np.int32)
+        if not device:
+            rows = replies_host[row_of_slot].reshape(num_tokens, top_k, hidden)
+            out = reference.moe_sum(rows, np.asarray(weights, np.float32).reshape(num_tokens, top_k))
+            if shared:
+                out = out + reference.shared_expert(x, self._host)
+            return out.astype(HOST_DTYPE[kind])
+        replies = self._settled(replies, replies_host, queue)
+        out_kind = kind if self._shared is None or not shared else "float32"
+        out = empty((num_tokens, hidden), out_kind, queue)
+        if num_tokens:
+            slots = upload(row_of_slot, queue)
+            weighted_sum(replies, "float32", slots, flat(weights), slots, out, out_kind, top_k,
+                         False)
+        if shared:
+            out = self._add_shared(out, x, kind, x32, shared_plan)
+        return from_device(out, kind, as_numpy)
+
+    def _run_local(self, rows: Any, kind: str, ids: np.ndarray, path: str, queue: Any) -> Any:
+        """[R, H] float32 outputs of this rank's experts, row i through expert ``ids[i]``."""
+        n_rows = rows.shape[0]
+        ones = np.ones((n_rows, 1), np.float32)
+        if queue is None:
+            h = self._host
+            x32 = rows.view(HOST_DTYPE[kind]).astype(np.float32)
+            return reference.fused_moe_forward(
+                x32, h["gate"], h["up"], h["down"], ones, ids.reshape(-1, 1), 1, False,
+                activation=self.activation, gate_bias=h["gate_bias"], up_bias=h["up_bias"],
+                down_bias=h["down_bias"], alpha=self._alpha, limit=self._limit)
+        plan = self.plan(n_rows, kind, path)
+        return forward.run(plan, rows, kind, self._experts, upload(ones, queue),
+                           upload(ids.reshape(-1, 1), queue), False, self._options, "float32")
+
+    @staticmethod
+    def _buffer(shape: tuple[int, int], dtype: np.dtype, queue: Any) -> tuple[Any, np.ndarray]:
+        """(device array or None, the host memory MPI uses for it): on CPU devices the device
+        array's own memory, elsewhere a host staging array; on the host, a NumPy array."""
+        if queue is None:
+            h = np.empty(shape, dtype)
+            return h, h
+        d = empty(shape, "float32" if dtype == np.float32 else "bfloat16", queue)
+        view = host_view(d)
+        return d, view if view is not None else np.empty(shape, dtype)
+
+    @staticmethod
+    def _settled(d: Any, host: np.ndarray, queue: Any) -> Any:
+        """The device array after MPI wrote ``host``: itself when ``host`` is its memory,
+        else the staged rows copied to the device."""
+        view = host_view(d)
+        if view is not None and (d.size == 0 or view.ctypes.data == host.ctypes.data):
+            return d
+        return upload(host, queue)
+
+    @staticmethod
+    def _readable(a: Any, dtype: np.dtype) -> np.ndarray:
+        """Host memory MPI (or NumPy) can read ``a`` from as ``dtype``: a device array's own
+        memory on CPU devices, else a host copy; host arrays as they are."""
+        if is_device_array(a):
+            view = host_view(a)
+            a = view if view is not None else dpnp.asnumpy(a)
+        return np.ascontiguousarray(a).view(dtype)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -44,6 +45,11 @@ from .layer import MoELayer
 from .pages import upload
 
 KIND_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
+# where a forward's time goes, in order (``ExpertParallelMoE.stats``): routing and input
+# checks, the counts' Alltoall, the rows' and ids' Alltoallv, the local experts, the replies'
+# Alltoallv, the weighted sum plus the shared expert. An exchange's time includes waiting
+# for the slowest rank to reach it.
+STAGES = ("route", "counts", "dispatch", "experts", "return", "combine")
 _KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
 
 
@@ -161,6 +167,7 @@ class ExpertParallelMoE(MoELayer):
             fingerprint = self._fingerprint()
         except Exception as exc:  # the other ranks learn of it below instead of waiting
             error = exc
+        self.reset_stats()
         rows = _agree(self.comm, error, fingerprint)
         differs = np.flatnonzero(rows[:, 1] != rows[0, 1])
         if differs.size:
@@ -209,6 +216,18 @@ class ExpertParallelMoE(MoELayer):
         if args.pop("held_experts") is not None:
             raise ValueError("layer must hold every expert (it is a shard)")
         return cls.from_numpy(**args, device=device, comm=comm, placement=placement)
+
+    def reset_stats(self) -> None:
+        """Zeroes :attr:`stats`: seconds per stage (:data:`STAGES`), calls, slots and bytes
+        this rank sent to and received from other ranks (token rows, expert ids, replies)."""
+        self.stats: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.stats.update(calls=0, slots_sent=0, slots_received=0, bytes_sent=0,
+                          bytes_received=0)
+
+    def _tick(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.stats[stage] += now - start
+        return now
 
     # -- collectives --------------------------------------------------------------------
 
@@ -299,6 +318,7 @@ class ExpertParallelMoE(MoELayer):
     def _forward(self, hidden_states: Any, routing: tuple | None, path: str,
                  on_host: bool = False) -> Any:
         error, kind, dest = None, "", np.zeros(0, np.int64)
+        start = time.perf_counter()
         try:
             kind, as_numpy = self._check(hidden_states, finite=routing is None)
             path = validation.execution_path(path)
@@ -328,7 +348,9 @@ class ExpertParallelMoE(MoELayer):
             dest = self.placement[ids_host]
         except Exception as exc:
             error = exc
+        start = self._tick("route", start)
         recv_counts = self._exchange_counts(error, kind, dest)
+        self._tick("counts", start)
         return self._after_agreement(lambda: self._dispatch_and_combine(
             x, x32, kind, as_numpy, weights, ids_host, dest, recv_counts, path, device,
             routing is None, shared_plan))
@@ -353,9 +375,18 @@ class ExpertParallelMoE(MoELayer):
             forward.check_memory(plan, queue, "ExpertParallelMoE", **{
                 k.replace(" ", "_"): v for k, v in parts.items()})
 
+        start = time.perf_counter()
+        remote_sent = n_send - int(send_counts[self.comm.rank])
+        remote_received = n_recv - int(recv_counts[self.comm.rank])
+        row_bytes = hidden * storage.itemsize + 4  # a token row and its expert id
+        self.stats["calls"] += 1
+        self.stats["slots_sent"] += remote_sent
+        self.stats["slots_received"] += remote_received
+        self.stats["bytes_sent"] += remote_sent * row_bytes + remote_received * hidden * 4
+        self.stats["bytes_received"] += remote_received * row_bytes + remote_sent * hidden * 4
+
         # 2. token rows and the receivers' expert ids out
-        send_rows, send_host = self._buffer((n_send, hidden), storage, queue)
-        np.take(self._readable(x, storage), order // top_k, axis=0, out=send_host)
+        send_host = np.take(self._readable(x, storage), order // top_k, axis=0)
         recv_rows, recv_host = self._buffer((n_recv, hidden), storage, queue)
         self._alltoallv(send_host, send_counts, recv_host, recv_counts)
         recv_ids = np.empty(n_recv, np.int32)
@@ -363,15 +394,19 @@ class ExpertParallelMoE(MoELayer):
                         recv_ids, recv_counts)
         if device:
             recv_rows = self._settled(recv_rows, recv_host, queue)
+        start = self._tick("dispatch", start)
 
         # 3. this rank's experts on the rows it got, one slot per row, float32 out
         outputs = self._run_local(recv_rows if device else recv_host, kind, recv_ids, path,
                                   queue)
+        # a view of the device memory on CPU devices: ``outputs`` must outlive it
+        outputs_host = self._readable(outputs, np.dtype(np.float32))  # waits for the device
+        start = self._tick("experts", start)
 
         # 4. expert outputs back, in the order the rows came
         replies, replies_host = self._buffer((n_send, hidden), np.dtype(np.float32), queue)
-        self._alltoallv(self._readable(outputs, np.dtype(np.float32)), recv_counts,
-                        replies_host, send_counts)
+        self._alltoallv(outputs_host, recv_counts, replies_host, send_counts)
+        start = self._tick("return", start)
 
         # 5. each token's k rows summed with its weights in slot order, plus the shared expert
         row_of_slot = np.empty(n_send, np.int32)
@@ -381,7 +416,9 @@ class ExpertParallelMoE(MoELayer):
             out = reference.moe_sum(rows, np.asarray(weights, np.float32).reshape(num_tokens, top_k))
             if shared:
                 out = out + reference.shared_expert(x, self._host)
-            return out.astype(HOST_DTYPE[kind])
+            out = out.astype(HOST_DTYPE[kind])
+            self._tick("combine", start)
+            return out
         replies = self._settled(replies, replies_host, queue)
         out_kind = kind if self._shared is None or not shared else "float32"
         out = empty((num_tokens, hidden), out_kind, queue)
@@ -391,7 +428,9 @@ class ExpertParallelMoE(MoELayer):
                          False)
         if shared:
             out = self._add_shared(out, x, kind, x32, shared_plan)
-        return from_device(out, kind, as_numpy)
+        out = from_device(out, kind, as_numpy)
+        self._tick("combine", start)
+        return out
 
     def _run_local(self, rows: Any, kind: str, ids: np.ndarray, path: str, queue: Any) -> Any:
         """[R, H] float32 outputs of this rank's experts, row i through expert ``ids[i]``."""

@@ -183,6 +183,16 @@ def case_abort():
     print("UNREACHED", flush=True)
 
 
+def case_exit():
+    """The last rank dies while the others enter a forward (they must not wait forever)."""
+    layer = layer_for("float32", shared=False)
+    ep = ExpertParallelMoE.from_layer(layer)
+    if RANK == SIZE - 1:
+        os._exit(3)
+    ep(tokens(3, layer.hidden_size, np.float32))
+    print("UNREACHED", flush=True)
+
+
 CASES = {
     "forward_f32_per_token": lambda: case_forward(np.float32, "per_token"),
     "forward_bf16_per_token": lambda: case_forward(BF16, "per_token"),
@@ -197,8 +207,8 @@ CASES = {
 
 
 def main(names):
-    if names == ["abort"]:
-        case_abort()
+    if names in (["abort"], ["exit"]):
+        {"abort": case_abort, "exit": case_exit}[names[0]]()
         return
     for name in names:
         try:

@@ -18,7 +18,9 @@ is reported as 100 with ``limit_exceeded`` and a note, never above 100.
 
 Prints a table, writes JSON and, with ``--plot``, a PNG of the times of every variant, and
 says where. ``--test silu|align|routing`` times one stage on its own, ``--test overhead``
-the host cost of a call (meant for ``--config tiny``), and ``--tune`` measures both paths
+the host cost of a call (meant for ``--config tiny``), ``--test ep`` an expert-parallel layer
+over the ranks of an MPI job (launch it with ``mpiexec -n N``; tokens per rank; see
+:func:`bench_ep`), and ``--tune`` measures both paths
 per token count and writes a tuned config where dpmoe reads it
 (``dpmoe.tuning.user_config_dir()``, before the configs shipped in the package).
 
@@ -28,6 +30,7 @@ Examples::
     python -m dpmoe.bench --test silu
     python -m dpmoe.bench --test overhead --config tiny --tokens 1
     python -m dpmoe.bench --tune --config olmoe --tokens 1 4 16 64 256 1024
+    mpiexec -n 2 python -m mpi4py -m dpmoe.bench --test ep --config olmoe --tokens 1 128
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .configs import MODEL_CONFIGS, describe
 from .arrays import HOST_DTYPE, to_device
 from .tuning import PATHS, DefaultConfigWarning, user_config_dir
 
-TESTS = ("moe", "silu", "align", "routing", "overhead")
+TESTS = ("moe", "silu", "align", "routing", "overhead", "ep")
 WARMUP = 2
 REFERENCE_MAX_TOKENS = 16
 REFERENCE_MAX_REPEATS = 3  # the reference takes up to a second a call
@@ -476,6 +479,90 @@ def bench_overhead(work: Workload, num_tokens: int, repeats: int) -> dict:
     return row
 
 
+def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any) -> dict | None:
+    """An :class:`dpmoe.distributed.ExpertParallelMoE` forward (router, exchange, experts,
+    shared nothing) with ``num_tokens`` tokens on each rank of ``comm``, device arrays in.
+    Each call is timed from a barrier to the slowest rank's return; the row (on rank 0, None
+    elsewhere) has that time, tokens/s of the whole job, the share of the ranks' time per
+    stage (all-to-all = counts + dispatch + return, waiting for other ranks included) and
+    the bytes each token sends to and receives from other ranks."""
+    from .distributed import STAGES, ExpertParallelMoE
+
+    hidden, _, experts, top_k = MODEL_CONFIGS[config]
+    w = make_weights(config, dtype)  # the same seed on every rank; each keeps its experts
+    ep = ExpertParallelMoE.from_numpy(w["router"], w["gate"], w["up"], w["down"], top_k,
+                                      comm=comm)
+    del w
+    rng = np.random.default_rng([comm.rank, num_tokens])
+    xs = [to_device(rng.standard_normal((num_tokens, hidden), dtype=np.float32)
+                    .astype(HOST_DTYPE[dtype]), ep.queue) for _ in range(ROUTINGS)]
+    calls = iter(range(1 << 30))
+
+    def step() -> None:
+        comm.Barrier()
+        ep(xs[next(calls) % ROUTINGS])
+        ep.queue.wait()
+
+    sample_times(step, 0, WARMUP)
+    ep.reset_stats()
+    mine = sample_times(step, repeats, 0)
+    slowest = [comm.allreduce(t, op=_mpi_max()) for t in mine]
+    stats = comm.gather(ep.stats, root=0)
+    if comm.rank != 0:
+        return None
+    total = {k: sum(s[k] for s in stats) for k in stats[0]}
+    busy = sum(total[k] for k in STAGES) or 1.0
+    row: dict[str, Any] = {"test": "ep", "config": config, "dtype": dtype, "tokens": num_tokens,
+                           "ranks": comm.size, "experts_per_rank": -(-experts // comm.size)}
+    median = record(row, "ep_ms", slowest)
+    row["tokens_per_s"] = comm.size * num_tokens / (median / 1e3)
+    row["alltoall_pct"] = 100 * (total["counts"] + total["dispatch"] + total["return"]) / busy
+    row["experts_pct"] = 100 * total["experts"] / busy
+    row["route_combine_pct"] = 100 * (total["route"] + total["combine"]) / busy
+    tokens_done = num_tokens * total["calls"]  # calls summed over the ranks
+    row["bytes_per_token"] = total["bytes_sent"] / tokens_done if tokens_done else 0.0
+    row["stage_seconds"] = {k: total[k] for k in STAGES}
+    return row
+
+
+def _mpi_max() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def run_ep(args: argparse.Namespace) -> int:
+    """``--test ep`` on every rank of MPI.COMM_WORLD; rank 0 prints and writes."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DefaultConfigWarning)
+        points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]
+        for config, dtype, tokens in (_progress(points, "bench ep") if comm.rank == 0 else points):
+            row = bench_ep(config, dtype, tokens, args.repeats, comm)
+            if row is not None:
+                rows.append(row)
+    if comm.rank != 0:
+        return 0
+    about = info()
+    machine = machine_description(about["device"], about["filter_string"])
+    print(f"device: {machine}; {comm.size} rank(s), {MPI.Get_library_version().splitlines()[0]}")
+    print(f"test ep: ms per forward (barrier to the slowest rank), median (min-max) of "
+          f"{args.repeats} calls after {WARMUP} warm-up calls; tokens per rank; shares of the "
+          "ranks' summed time; bytes each token sends to and receives from other ranks")
+    print_table(rows)
+    out = Path(args.json).resolve()
+    with open(out, "w") as f:
+        json.dump({"test": "ep", "argv": sys.argv[1:], "ranks": comm.size,
+                   "mpi": MPI.Get_library_version().splitlines()[0], "machine": machine,
+                   "cpu": cpu_info(), "repeats": args.repeats, "warmup": WARMUP,
+                   "rows": rows}, f, indent=1)
+    print(f"wrote JSON: {out}")
+    return 0
+
+
 def tune(config: str, dtype: str, token_counts: list[int], repeats: int,
          directory: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Measure both paths at each token count; save the faster per count through
@@ -553,9 +640,11 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
 
 # ---------------------------------------------------------------------------- output
 
-TABLE_COLUMNS = ("config", "dtype", "tokens", "plan", "dpmoe_ms", "dpmoe_path", "grouped_ms",
-                 "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms", "reference_ms",
-                 "GFLOPs", "GBps", "roofline_pct", "speedup_vs_torch")
+TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "plan", "dpmoe_ms", "dpmoe_path",
+                 "grouped_ms", "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms",
+                 "reference_ms", "GFLOPs", "GBps", "roofline_pct", "speedup_vs_torch", "ep_ms",
+                 "tokens_per_s", "alltoall_pct", "experts_pct", "route_combine_pct",
+                 "bytes_per_token")
 # the moe table reports the faster path as dpmoe_ms (the JSON and the plot keep each path)
 HIDDEN_IN_MOE_TABLE = ("grouped_ms", "per_token_ms")
 # (column, label) of the lines of the plot, dpmoe's first
@@ -695,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", default="moe", choices=TESTS,
                         help="what to time: moe = dpmoe's experts against the baselines; "
                              "silu, align, routing = one stage; overhead = the host cost of a "
-                             "call, each path and a whole MoELayer call (use --config tiny)")
+                             "call, each path and a whole MoELayer call (use --config tiny); "
+                             "ep = an expert-parallel layer over the ranks of `mpiexec -n N`")
     parser.add_argument("--config", nargs="+", choices=list(MODEL_CONFIGS),
                         default=[c for c in MODEL_CONFIGS if c != "tiny"], metavar="CONFIG",
                         help="model shapes to run, any of: " + ", ".join(MODEL_CONFIGS))
@@ -777,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.tune:
         return run_tune(args)
+    if args.test == "ep":
+        return run_ep(args)
     torch = _torch()
     machine = machine_description(about["device"], about["filter_string"])
     points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]

@@ -306,14 +306,20 @@ class ExpertParallelMoE(MoELayer):
 
     def plan(self, num_tokens: int, hidden_dtype: Any = None, path: str = "auto"
              ) -> ExecutionPlan | None:
-        """How this rank runs its experts on ``num_tokens`` received rows (one slot each)."""
+        """How this rank runs its experts on ``num_tokens`` received rows (one slot each).
+        With ``path="auto"`` the path is the one a call of as many tokens of top_k slots
+        would take (the tuned configs are per token of top_k slots)."""
         num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
         x_kind = self.kind if hidden_dtype is None else validation.dtype_name("hidden_dtype",
                                                                               hidden_dtype)
         path = validation.execution_path(path)
         if self.queue is None:
             return None
-        return choose(self.queue, num_tokens, self._experts.shape, 1, x_kind, self.kind, path)
+        shape = self._experts.shape
+        if path == "auto":
+            path = choose(self.queue, -(-num_tokens // self.top_k), shape, self.top_k, x_kind,
+                          self.kind, path).path
+        return choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, path)
 
     def _forward(self, hidden_states: Any, routing: tuple | None, path: str,
                  on_host: bool = False) -> Any:

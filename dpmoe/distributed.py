@@ -9,15 +9,17 @@ its own SYCL device. A forward on a rank routes that rank's tokens, then:
 2. one ``Alltoallv`` of the token rows of each slot (tokens in their storage dtype: 16-bit
    floats travel as 16 bits) and one of the slots' expert ids (local to the receiver);
 3. the receiver runs its experts on those rows with the fused forward (each row one slot,
-   weight 1, output in float32);
+   weight 1, output in float32 or, with ``replies="tokens"``, in the tokens' dtype);
 4. one ``Alltoallv`` back, in the order the rows came, so a slot's place in the reply says
    which it is (no slot index travels);
 5. the source rank sums each token's k expert rows with its routing weights, in slot order,
    with the same reduction kernel as :class:`dpmoe.MoELayer` and adds the shared expert.
 
-Expert outputs come back in float32 because the single-process layer sums them in float32
-and rounds once; with the per-token path on both sides the result is bit-identical to
-:class:`dpmoe.MoELayer` on the same tokens. On CPU devices device memory is host memory, so
+Expert outputs come back in float32 by default because the single-process layer sums them
+in float32 and rounds once: with the per-token path on both sides the result is then
+bit-identical to :class:`dpmoe.MoELayer` on the same tokens. ``replies="tokens"`` sends
+them back in the tokens' dtype instead (half the bytes for 16-bit tokens; each slot's
+output rounded once more, so within that dtype's rounding of the single-process layer). On CPU devices device memory is host memory, so
 MPI reads and writes the device arrays in place; on other devices messages are staged
 through host copies.
 
@@ -50,6 +52,7 @@ KIND_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 # Alltoallv, the weighted sum plus the shared expert. An exchange's time includes waiting
 # for the slowest rank to reach it.
 STAGES = ("route", "counts", "dispatch", "experts", "return", "combine")
+REPLIES = ("float32", "tokens")
 _KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
 
 
@@ -139,6 +142,9 @@ class ExpertParallelMoE(MoELayer):
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).
         placement: [E] rank of each expert (default :func:`contiguous_placement`); every
             rank must hold at least one expert.
+        replies: "float32" (default; bit-identical to the single-process layer on the
+            per-token path) or "tokens" (expert outputs travel back in the tokens' dtype:
+            half the return bytes for 16-bit tokens, one more rounding per slot).
         device: this rank's device (dpctl filter string, SyclDevice or SyclQueue; default:
             the default device). On one machine, one CPU device or sub-device per rank.
         top_k, renormalize, options: as :meth:`dpmoe.MoELayer.from_numpy` (except
@@ -147,11 +153,14 @@ class ExpertParallelMoE(MoELayer):
 
     def __init__(self, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
                  renormalize: bool = True, *, comm: Any = None, placement: Any = None,
-                 device: Any = None, **options: Any) -> None:
+                 replies: str = "float32", device: Any = None, **options: Any) -> None:
         self.comm = _mpi().COMM_WORLD if comm is None else comm
+        self.replies = replies
         error = None
         fingerprint = 0
         try:
+            if replies not in REPLIES:
+                raise ValueError(f"replies must be one of {REPLIES}, got {replies!r}")
             if "held_experts" in options:
                 raise TypeError("ExpertParallelMoE takes no held_experts: the placement says "
                                 "which experts a rank holds")
@@ -179,7 +188,8 @@ class ExpertParallelMoE(MoELayer):
     @classmethod
     def from_numpy(cls, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
                    renormalize: bool = True, device: Any = None, *, comm: Any = None,
-                   placement: Any = None, **options: Any) -> "ExpertParallelMoE":
+                   placement: Any = None, replies: str = "float32", **options: Any
+                   ) -> "ExpertParallelMoE":
         """From all experts' weights (router [H, E], gate/up [E, H, I], down [E, I, H],
         biases [E, ...]; host arrays, memory-mapped ones too): each rank copies only the
         experts ``placement`` gives it. Other arguments as the constructor."""
@@ -203,11 +213,11 @@ class ExpertParallelMoE(MoELayer):
         _agree(comm, error)
         options.update({k: v for k, v in shard.items() if k.endswith("_bias")})
         return cls(router, shard["gate"], shard["up"], shard["down"], top_k, renormalize,
-                   comm=comm, placement=placement, device=device, **options)
+                   comm=comm, placement=placement, replies=replies, device=device, **options)
 
     @classmethod
     def from_layer(cls, layer: MoELayer, *, comm: Any = None, placement: Any = None,
-                   device: Any = None) -> "ExpertParallelMoE":
+                   replies: str = "float32", device: Any = None) -> "ExpertParallelMoE":
         """The experts of ``layer`` (an :class:`dpmoe.MoELayer` holding every expert, the same
         on every rank, e.g. built with the same seed) spread over ``comm``."""
         if not isinstance(layer, MoELayer):
@@ -215,7 +225,8 @@ class ExpertParallelMoE(MoELayer):
         args = layer.arguments()
         if args.pop("held_experts") is not None:
             raise ValueError("layer must hold every expert (it is a shard)")
-        return cls.from_numpy(**args, device=device, comm=comm, placement=placement)
+        return cls.from_numpy(**args, device=device, comm=comm, placement=placement,
+                              replies=replies)
 
     def reset_stats(self) -> None:
         """Zeroes :attr:`stats`: seconds per stage (:data:`STAGES`), calls, slots and bytes
@@ -237,7 +248,7 @@ class ExpertParallelMoE(MoELayer):
         h.update(np.ascontiguousarray(self._host["router"]).tobytes())
         h.update(self.placement.tobytes())
         h.update(repr((self.hidden_size, self.intermediate_size, self.kind, self.routing,
-                       self.activation, self._alpha, self._limit)).encode())
+                       self.activation, self._alpha, self._limit, self.replies)).encode())
         return int.from_bytes(h.digest(), "little")
 
     def _after_agreement(self, step: Callable[[], Any]) -> Any:
@@ -374,9 +385,12 @@ class ExpertParallelMoE(MoELayer):
         n_send, n_recv = int(order.size), int(recv_counts.sum())
         queue = self.queue if device else None
         storage = np.dtype(np.float32 if kind == "float32" else np.uint16)
+        reply_kind = "float32" if self.replies == "float32" else kind
+        reply_storage = np.dtype(np.float32 if reply_kind == "float32" else np.uint16)
+        reply_bytes = hidden * reply_storage.itemsize
         if device:
             parts = {"rows sent and received": (n_send + n_recv) * hidden * storage.itemsize,
-                     "expert outputs and replies (float32)": (n_send + n_recv) * hidden * 4}
+                     "expert outputs and replies": (n_send + n_recv) * reply_bytes}
             plan = self.plan(n_recv, kind, path)
             forward.check_memory(plan, queue, "ExpertParallelMoE", **{
                 k.replace(" ", "_"): v for k, v in parts.items()})
@@ -388,8 +402,8 @@ class ExpertParallelMoE(MoELayer):
         self.stats["calls"] += 1
         self.stats["slots_sent"] += remote_sent
         self.stats["slots_received"] += remote_received
-        self.stats["bytes_sent"] += remote_sent * row_bytes + remote_received * hidden * 4
-        self.stats["bytes_received"] += remote_received * row_bytes + remote_sent * hidden * 4
+        self.stats["bytes_sent"] += remote_sent * row_bytes + remote_received * reply_bytes
+        self.stats["bytes_received"] += remote_received * row_bytes + remote_sent * reply_bytes
 
         # 2. token rows and the receivers' expert ids out
         send_host = np.take(self._readable(x, storage), order // top_k, axis=0)
@@ -402,15 +416,15 @@ class ExpertParallelMoE(MoELayer):
             recv_rows = self._settled(recv_rows, recv_host, queue)
         start = self._tick("dispatch", start)
 
-        # 3. this rank's experts on the rows it got, one slot per row, float32 out
+        # 3. this rank's experts on the rows it got, one slot per row
         outputs = self._run_local(recv_rows if device else recv_host, kind, recv_ids, path,
-                                  queue)
+                                  queue, reply_kind)
         # a view of the device memory on CPU devices: ``outputs`` must outlive it
-        outputs_host = self._readable(outputs, np.dtype(np.float32))  # waits for the device
+        outputs_host = self._readable(outputs, reply_storage)  # waits for the device
         start = self._tick("experts", start)
 
         # 4. expert outputs back, in the order the rows came
-        replies, replies_host = self._buffer((n_send, hidden), np.dtype(np.float32), queue)
+        replies, replies_host = self._buffer((n_send, hidden), reply_storage, queue)
         self._alltoallv(outputs_host, recv_counts, replies_host, send_counts)
         start = self._tick("return", start)
 
@@ -418,7 +432,8 @@ class ExpertParallelMoE(MoELayer):
         row_of_slot = np.empty(n_send, np.int32)
         row_of_slot[order] = np.arange(n_send, dtype=np.int32)
         if not device:
-            rows = replies_host[row_of_slot].reshape(num_tokens, top_k, hidden)
+            rows = replies_host[row_of_slot].view(HOST_DTYPE[reply_kind]).astype(np.float32)
+            rows = rows.reshape(num_tokens, top_k, hidden)
             out = reference.moe_sum(rows, np.asarray(weights, np.float32).reshape(num_tokens, top_k))
             if shared:
                 out = out + reference.shared_expert(x, self._host)
@@ -430,7 +445,7 @@ class ExpertParallelMoE(MoELayer):
         out = empty((num_tokens, hidden), out_kind, queue)
         if num_tokens:
             slots = upload(row_of_slot, queue)
-            weighted_sum(replies, "float32", slots, flat(weights), slots, out, out_kind, top_k,
+            weighted_sum(replies, reply_kind, slots, flat(weights), slots, out, out_kind, top_k,
                          False)
         if shared:
             out = self._add_shared(out, x, kind, x32, shared_plan)
@@ -438,20 +453,23 @@ class ExpertParallelMoE(MoELayer):
         self._tick("combine", start)
         return out
 
-    def _run_local(self, rows: Any, kind: str, ids: np.ndarray, path: str, queue: Any) -> Any:
-        """[R, H] float32 outputs of this rank's experts, row i through expert ``ids[i]``."""
+    def _run_local(self, rows: Any, kind: str, ids: np.ndarray, path: str, queue: Any,
+                   out_kind: str) -> Any:
+        """[R, H] outputs (storage form of ``out_kind``) of this rank's experts, row i through
+        expert ``ids[i]``."""
         n_rows = rows.shape[0]
         ones = np.ones((n_rows, 1), np.float32)
         if queue is None:
             h = self._host
             x32 = rows.view(HOST_DTYPE[kind]).astype(np.float32)
-            return reference.fused_moe_forward(
+            y = reference.fused_moe_forward(
                 x32, h["gate"], h["up"], h["down"], ones, ids.reshape(-1, 1), 1, False,
                 activation=self.activation, gate_bias=h["gate_bias"], up_bias=h["up_bias"],
                 down_bias=h["down_bias"], alpha=self._alpha, limit=self._limit)
+            return y.astype(HOST_DTYPE[out_kind])
         plan = self.plan(n_rows, kind, path)
         return forward.run(plan, rows, kind, self._experts, upload(ones, queue),
-                           upload(ids.reshape(-1, 1), queue), False, self._options, "float32")
+                           upload(ids.reshape(-1, 1), queue), False, self._options, out_kind)
 
     @staticmethod
     def _buffer(shape: tuple[int, int], dtype: np.dtype, queue: Any) -> tuple[Any, np.ndarray]:

@@ -80,6 +80,25 @@ def case_forward(dtype, path):
     compare(got, want, exact=path == "per_token", dtype=x.dtype)
 
 
+def case_replies_in_token_dtype():
+    """replies="tokens": expert outputs travel back as bf16, within bf16 of the layer; the
+    host path the same way."""
+    layer = layer_for(BF16, experts=6)
+    ep = ExpertParallelMoE.from_layer(layer, replies="tokens")
+    x = tokens(29, layer.hidden_size, BF16, seed=12)
+    lo, hi = split(len(x), 7)
+    before = dict(ep.stats)
+    got = gathered(ep(x[lo:hi], path="per_token"))
+    compare(got, layer(x, path="per_token") if RANK == 0 else None, False, BF16)
+    got = gathered(ep.reference(x[lo:hi]))
+    compare(got, layer.reference(x) if RANK == 0 else None, False, BF16)
+    received = ep.stats["bytes_received"] - before["bytes_received"]
+    sent_slots = ep.stats["slots_sent"] - before["slots_sent"]
+    received_slots = ep.stats["slots_received"] - before["slots_received"]
+    row = layer.hidden_size * 2  # a bf16 row, both ways
+    assert received == received_slots * (row + 4) + sent_slots * row, (received, row)
+
+
 def case_given_routing_one_rank():
     """experts() with every slot on the last rank's experts; the other experts get none."""
     layer = layer_for("float32", shared=False, experts=9)
@@ -199,6 +218,7 @@ CASES = {
     "forward_f32_grouped": lambda: case_forward(np.float32, "grouped"),
     "forward_bf16_grouped": lambda: case_forward(BF16, "grouped"),
     "given_routing_one_rank": case_given_routing_one_rank,
+    "replies_in_token_dtype": case_replies_in_token_dtype,
     "placement_and_dpnp": case_placement_and_dpnp,
     "reference": case_reference,
     "refusals": case_refusals,

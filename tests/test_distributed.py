@@ -17,7 +17,8 @@ from conftest import ON_DEVICE  # noqa: E402
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 CASES = ["forward_f32_per_token", "forward_bf16_per_token", "forward_f32_grouped",
-         "forward_bf16_grouped", "given_routing_one_rank", "placement_and_dpnp", "reference",
+         "forward_bf16_grouped", "given_routing_one_rank", "replies_in_token_dtype",
+         "placement_and_dpnp", "reference",
          "refusals", "bad_construction"]
 TIMEOUT = 420  # seconds for a whole job: each rank JIT-compiles its kernels on 2 cores
 
@@ -79,6 +80,14 @@ def test_a_rank_that_exits_ends_the_job():
     job = launch(2, "exit")
     assert job.returncode != 0
     assert "UNREACHED" not in job.stdout
+
+
+def test_the_example_script_runs_on_two_ranks():
+    example = Path(__file__).parent.parent / "notebooks" / "expert_parallel.py"
+    job = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", str(example)],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "32 tokens over 2 rank(s): bit-identical to the single-process layer" in job.stdout
 
 
 def test_dpmoe_does_not_need_mpi4py():

@@ -479,7 +479,8 @@ def bench_overhead(work: Workload, num_tokens: int, repeats: int) -> dict:
     return row
 
 
-def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any) -> dict | None:
+def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any,
+             replies: str = "float32") -> dict | None:
     """An :class:`dpmoe.distributed.ExpertParallelMoE` forward (router, exchange, experts,
     shared nothing) with ``num_tokens`` tokens on each rank of ``comm``, device arrays in.
     Each call is timed from a barrier to the slowest rank's return; the row (on rank 0, None
@@ -491,7 +492,7 @@ def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any) 
     hidden, _, experts, top_k = MODEL_CONFIGS[config]
     w = make_weights(config, dtype)  # the same seed on every rank; each keeps its experts
     ep = ExpertParallelMoE.from_numpy(w["router"], w["gate"], w["up"], w["down"], top_k,
-                                      comm=comm)
+                                      comm=comm, replies=replies)
     del w
     rng = np.random.default_rng([comm.rank, num_tokens])
     xs = [to_device(rng.standard_normal((num_tokens, hidden), dtype=np.float32)
@@ -513,7 +514,8 @@ def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any) 
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     busy = sum(total[k] for k in STAGES) or 1.0
     row: dict[str, Any] = {"test": "ep", "config": config, "dtype": dtype, "tokens": num_tokens,
-                           "ranks": comm.size, "experts_per_rank": -(-experts // comm.size)}
+                           "ranks": comm.size, "replies": replies,
+                           "experts_per_rank": -(-experts // comm.size)}
     median = record(row, "ep_ms", slowest)
     row["tokens_per_s"] = comm.size * num_tokens / (median / 1e3)
     row["alltoall_pct"] = 100 * (total["counts"] + total["dispatch"] + total["return"]) / busy
@@ -539,9 +541,11 @@ def run_ep(args: argparse.Namespace) -> int:
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DefaultConfigWarning)
-        points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]
-        for config, dtype, tokens in (_progress(points, "bench ep") if comm.rank == 0 else points):
-            row = bench_ep(config, dtype, tokens, args.repeats, comm)
+        points = [(c, d, r, t) for c in args.config for d in args.dtype for r in args.replies
+                  for t in args.tokens]
+        for config, dtype, replies, tokens in (_progress(points, "bench ep") if comm.rank == 0
+                                               else points):
+            row = bench_ep(config, dtype, tokens, args.repeats, comm, replies)
             if row is not None:
                 rows.append(row)
     if comm.rank != 0:
@@ -640,7 +644,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
 
 # ---------------------------------------------------------------------------- output
 
-TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "plan", "dpmoe_ms", "dpmoe_path",
+TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "replies", "plan", "dpmoe_ms", "dpmoe_path",
                  "grouped_ms", "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms",
                  "reference_ms", "GFLOPs", "GBps", "roofline_pct", "speedup_vs_torch", "ep_ms",
                  "tokens_per_s", "alltoall_pct", "experts_pct", "route_combine_pct",
@@ -808,6 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a PNG of the times per call of every variant (ms "
                              "against tokens, log axes, one panel per config and dtype); "
                              "without a value to %(const)s (default: no plot)")
+    parser.add_argument("--replies", nargs="+", default=["float32"], choices=["float32", "tokens"],
+                        help="--test ep: the dtype expert outputs travel back in (float32: "
+                             "bit-identical to one process; tokens: the tokens' dtype)")
     parser.add_argument("--tune", action="store_true",
                         help="instead of benchmarking, measure both execution paths at each "
                              "--tokens count and write the faster per count as this device's "

@@ -2,6 +2,7 @@
 subprocesses (oversubscribed where the machine has fewer cores), each with a timeout, the
 cases in tests/ep_worker.py compared there with the single-process MoELayer."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed: pip install '.[mpi]'")
 
 from conftest import ON_DEVICE  # noqa: E402
+from dpmoe.configs import MODEL_CONFIGS  # noqa: E402
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 CASES = ["forward_f32_per_token", "forward_bf16_per_token", "forward_f32_grouped",
@@ -88,6 +90,29 @@ def test_the_example_script_runs_on_two_ranks():
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert job.returncode == 0, job.stdout + job.stderr
     assert "32 tokens over 2 rank(s): bit-identical to the single-process layer" in job.stdout
+
+
+def test_the_benchmark_measures_an_expert_parallel_layer(tmp_path):
+    if not ON_DEVICE:
+        pytest.skip("the benchmark needs a SYCL device")
+    out = tmp_path / "ep.json"
+    job = subprocess.run(
+        [mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "dpmoe.bench", "--test",
+         "ep", "--config", "tiny", "--tokens", "1", "9", "--dtype", "bfloat16", "--replies",
+         "float32", "tokens", "--repeats", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=TIMEOUT)
+    assert job.returncode == 0, job.stdout + job.stderr
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2 and len(result["rows"]) == 4
+    hidden, _, _, top_k = MODEL_CONFIGS["tiny"]
+    for row in result["rows"]:
+        assert row["ep_ms"] > 0 and row["tokens_per_s"] > 0
+        shares = row["alltoall_pct"] + row["experts_pct"] + row["route_combine_pct"]
+        assert abs(shares - 100) < 1e-6
+        # every slot leaves its rank at most once and comes back once
+        reply = 4 if row["replies"] == "float32" else 2
+        assert 0 < row["bytes_per_token"] <= top_k * (hidden * 2 + 4 + hidden * reply)
+    assert "ep_ms" in job.stdout and "alltoall_pct" in job.stdout
 
 
 def test_dpmoe_does_not_need_mpi4py():

@@ -479,21 +479,27 @@ def bench_overhead(work: Workload, num_tokens: int, repeats: int) -> dict:
     return row
 
 
-def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any,
-             replies: str = "float32") -> dict | None:
+def ep_layer(config: str, dtype: str, comm: Any, replies: str = "float32") -> Any:
+    """The benchmark's weights for ``config`` (the same seed on every rank) as an
+    :class:`dpmoe.distributed.ExpertParallelMoE` over ``comm``; each rank keeps its experts."""
+    from .distributed import ExpertParallelMoE
+
+    w = make_weights(config, dtype)
+    return ExpertParallelMoE.from_numpy(w["router"], w["gate"], w["up"], w["down"],
+                                        MODEL_CONFIGS[config][3], comm=comm, replies=replies)
+
+
+def bench_ep(ep: Any, config: str, dtype: str, num_tokens: int, repeats: int) -> dict | None:
     """An :class:`dpmoe.distributed.ExpertParallelMoE` forward (router, exchange, experts,
     shared nothing) with ``num_tokens`` tokens on each rank of ``comm``, device arrays in.
     Each call is timed from a barrier to the slowest rank's return; the row (on rank 0, None
     elsewhere) has that time, tokens/s of the whole job, the share of the ranks' time per
     stage (all-to-all = counts + dispatch + return, waiting for other ranks included) and
     the bytes each token sends to and receives from other ranks."""
-    from .distributed import STAGES, ExpertParallelMoE
+    from .distributed import STAGES
 
-    hidden, _, experts, top_k = MODEL_CONFIGS[config]
-    w = make_weights(config, dtype)  # the same seed on every rank; each keeps its experts
-    ep = ExpertParallelMoE.from_numpy(w["router"], w["gate"], w["up"], w["down"], top_k,
-                                      comm=comm, replies=replies)
-    del w
+    hidden, _, experts, _ = MODEL_CONFIGS[config]
+    comm = ep.comm
     rng = np.random.default_rng([comm.rank, num_tokens])
     xs = [to_device(rng.standard_normal((num_tokens, hidden), dtype=np.float32)
                     .astype(HOST_DTYPE[dtype]), ep.queue) for _ in range(ROUTINGS)]
@@ -514,7 +520,7 @@ def bench_ep(config: str, dtype: str, num_tokens: int, repeats: int, comm: Any,
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     busy = sum(total[k] for k in STAGES) or 1.0
     row: dict[str, Any] = {"test": "ep", "config": config, "dtype": dtype, "tokens": num_tokens,
-                           "ranks": comm.size, "replies": replies,
+                           "ranks": comm.size, "replies": ep.replies,
                            "experts_per_rank": -(-experts // comm.size)}
     median = record(row, "ep_ms", slowest)
     row["tokens_per_s"] = comm.size * num_tokens / (median / 1e3)
@@ -543,9 +549,13 @@ def run_ep(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", DefaultConfigWarning)
         points = [(c, d, r, t) for c in args.config for d in args.dtype for r in args.replies
                   for t in args.tokens]
+        ep, built = None, None
         for config, dtype, replies, tokens in (_progress(points, "bench ep") if comm.rank == 0
                                                else points):
-            row = bench_ep(config, dtype, tokens, args.repeats, comm, replies)
+            if built != (config, dtype, replies):
+                ep = None  # free the previous layer's device memory first
+                ep, built = ep_layer(config, dtype, comm, replies), (config, dtype, replies)
+            row = bench_ep(ep, config, dtype, tokens, args.repeats)
             if row is not None:
                 rows.append(row)
     if comm.rank != 0:

@@ -28,6 +28,7 @@ mpi4py is imported when a layer is built, not with dpmoe (``pip install "dpmoe[m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -42,7 +43,7 @@ from ._engine.convert import ids_to_device, weights_to_device, widen
 from ._engine.plan import ExecutionPlan, choose
 from ._engine.reduce import weighted_sum
 from .arrays import HOST_DTYPE, empty, flat, from_device, host_view, to_device, to_host
-from .device import dpnp, is_device_array
+from .device import dpnp, is_device_array, returns_numpy
 from .layer import MoELayer
 from .pages import upload
 
@@ -53,6 +54,9 @@ KIND_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 # for the slowest rank to reach it.
 STAGES = ("route", "counts", "dispatch", "experts", "return", "combine")
 REPLIES = ("float32", "tokens")
+# the parts of a layer every rank holds whole (MoELayer's host names)
+REPLICATED = ("router", "router_bias", "correction_bias", "shared_gate", "shared_up",
+              "shared_down", "shared_expert_gate")
 _KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
 
 
@@ -68,7 +72,7 @@ def _mpi() -> Any:
 
 def contiguous_placement(num_experts: int, world_size: int) -> np.ndarray:
     """The default placement: [E] int32 rank of each expert, contiguous ranges whose sizes
-    differ by at most one (rank r holds experts [r*E//N, (r+1)*E//N))."""
+    differ by at most one (expert e on rank e*N//E; E=7, N=3: [0, 0, 0, 1, 1, 2, 2])."""
     num_experts = validation.positive_int("num_experts", num_experts)
     world_size = validation.positive_int("world_size", world_size)
     return ((np.arange(num_experts, dtype=np.int64) * world_size) // num_experts).astype(np.int32)
@@ -113,6 +117,13 @@ def _agree(comm: Any, error: BaseException | None, *values: int) -> np.ndarray:
     return rows
 
 
+def _ranges(ids: np.ndarray) -> str:
+    """``"experts 3..5"`` for a run of ids, else the list."""
+    if ids.size and (np.diff(ids) == 1).all():
+        return f"experts {ids[0]}..{ids[-1]}"
+    return f"experts {ids.tolist()}"
+
+
 _ROW_TYPES: dict[int, Any] = {}
 
 
@@ -154,7 +165,8 @@ class ExpertParallelMoE(MoELayer):
     def __init__(self, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
                  renormalize: bool = True, *, comm: Any = None, placement: Any = None,
                  replies: str = "float32", device: Any = None, **options: Any) -> None:
-        self.comm = _mpi().COMM_WORLD if comm is None else comm
+        # its own communicator: dpmoe's collectives never meet the caller's messages
+        self.comm = (_mpi().COMM_WORLD if comm is None else comm).Dup()
         self.replies = replies
         error = None
         fingerprint = 0
@@ -164,9 +176,16 @@ class ExpertParallelMoE(MoELayer):
             if "held_experts" in options:
                 raise TypeError("ExpertParallelMoE takes no held_experts: the placement says "
                                 "which experts a rank holds")
+            validation.options("ExpertParallelMoE", options, MoELayer.OPTIONS)
             validation.float_array("router", router, 2)
             self.placement = _placement(placement, router.shape[1], self.comm.size)
             held = np.flatnonzero(self.placement == self.comm.rank).astype(np.int32)
+            given = validation.array("gate", gate, 3).shape[0]
+            if given != held.size:
+                raise ValueError(
+                    f"gate holds {given} experts but the placement gives rank "
+                    f"{self.comm.rank} {held.size} ({_ranges(held)}): pass this rank's experts "
+                    "only, or all of them to ExpertParallelMoE.from_numpy")
             self._setup(router, gate, up, down, top_k, renormalize, device, held_experts=held,
                         **options)
             self._rows_held = np.zeros(self.num_experts, np.int32)  # global -> owner's local id
@@ -182,8 +201,8 @@ class ExpertParallelMoE(MoELayer):
         if differs.size:
             raise ValueError(
                 f"ExpertParallelMoE: rank(s) {differs.tolist()} were given another router, "
-                "placement, expert shape, dtype or routing than rank 0; every rank must build "
-                "the same layer")
+                "router or correction bias, shared expert, placement, expert shape, dtype or "
+                "routing than rank 0; every rank must build the same layer")
 
     @classmethod
     def from_numpy(cls, router: Any, gate: Any, up: Any, down: Any, top_k: int = 2,
@@ -194,39 +213,70 @@ class ExpertParallelMoE(MoELayer):
         biases [E, ...]; host arrays, memory-mapped ones too): each rank copies only the
         experts ``placement`` gives it. Other arguments as the constructor."""
         comm = _mpi().COMM_WORLD if comm is None else comm
-        shard: dict[str, Any] = {}
-        error = None
+        return cls._collectively_built(comm, lambda: cls._sliced(
+            comm, router, gate, up, down, top_k, renormalize, device, placement, replies,
+            options))
+
+    @classmethod
+    def _sliced(cls, comm: Any, router: Any, gate: Any, up: Any, down: Any, top_k: int,
+                renormalize: bool, device: Any, placement: Any, replies: str,
+                options: dict) -> tuple:
+        """The constructor's arguments for this rank, cut from all experts' weights."""
+        validation.float_array("router", router, 2)
+        num_experts = router.shape[1]
+        held = np.flatnonzero(_placement(placement, num_experts, comm.size) == comm.rank)
+        shard = {}
+        for name, a in dict(gate=gate, up=up, down=down, gate_bias=options.get("gate_bias"),
+                            up_bias=options.get("up_bias"),
+                            down_bias=options.get("down_bias")).items():
+            if a is None and name in ("gate", "up", "down"):
+                raise TypeError(f"{name} must be an array of every expert's weights, got None")
+            if a is None:
+                continue
+            if is_device_array(a):
+                raise TypeError(f"{name} must be a host array (NumPy, memory-mapped too) for "
+                                "from_numpy, which copies each rank's experts to its device; "
+                                "got a dpnp array")
+            validation.array(name, a, 3 if name in ("gate", "up", "down") else 2)
+            if a.shape[0] != num_experts:
+                raise ValueError(f"{name} must have one entry per expert of the router "
+                                 f"({num_experts}), got {a.shape[0]}")
+            shard[name] = a[held]
+        options = dict(options, **{k: v for k, v in shard.items() if k.endswith("_bias")})
+        return (router, shard["gate"], shard["up"], shard["down"], top_k, renormalize), dict(
+            comm=comm, placement=placement, replies=replies, device=device, **options)
+
+    @classmethod
+    def _collectively_built(cls, comm: Any, arguments: Callable[[], tuple]
+                            ) -> "ExpertParallelMoE":
+        """The layer from ``arguments()`` (positional, keywords), made on every rank; when
+        they fail on one rank, every rank raises (no rank waits for the failed one)."""
+        error, made = None, None
         try:
-            num_experts = validation.array("gate", gate, 3).shape[0]
-            held = np.flatnonzero(_placement(placement, num_experts, comm.size) == comm.rank)
-            for name, a in dict(gate=gate, up=up, down=down, gate_bias=options.get("gate_bias"),
-                                up_bias=options.get("up_bias"),
-                                down_bias=options.get("down_bias")).items():
-                if a is not None:
-                    validation.array(name, a, 3 if name in ("gate", "up", "down") else 2)
-                    if a.shape[0] != num_experts:
-                        raise ValueError(f"{name} must have one entry per expert ({num_experts}),"
-                                         f" got {a.shape[0]}")
-                    shard[name] = a[held]
+            made = arguments()
         except Exception as exc:
             error = exc
         _agree(comm, error)
-        options.update({k: v for k, v in shard.items() if k.endswith("_bias")})
-        return cls(router, shard["gate"], shard["up"], shard["down"], top_k, renormalize,
-                   comm=comm, placement=placement, replies=replies, device=device, **options)
+        return cls(*made[0], **made[1])
 
     @classmethod
     def from_layer(cls, layer: MoELayer, *, comm: Any = None, placement: Any = None,
                    replies: str = "float32", device: Any = None) -> "ExpertParallelMoE":
         """The experts of ``layer`` (an :class:`dpmoe.MoELayer` holding every expert, the same
         on every rank, e.g. built with the same seed) spread over ``comm``."""
-        if not isinstance(layer, MoELayer):
-            raise TypeError(f"layer must be a dpmoe.MoELayer, got {type(layer).__name__}")
-        args = layer.arguments()
-        if args.pop("held_experts") is not None:
-            raise ValueError("layer must hold every expert (it is a shard)")
-        return cls.from_numpy(**args, device=device, comm=comm, placement=placement,
-                              replies=replies)
+        comm = _mpi().COMM_WORLD if comm is None else comm
+
+        def arguments() -> tuple:
+            if not isinstance(layer, MoELayer):
+                raise TypeError(f"layer must be a dpmoe.MoELayer, got {type(layer).__name__}")
+            args = layer.arguments()
+            if args.pop("held_experts") is not None:
+                raise ValueError("layer must hold every expert (it is a shard)")
+            weights = [args.pop(k) for k in ("router", "gate", "up", "down", "top_k",
+                                            "renormalize")]
+            return cls._sliced(comm, *weights, device, placement, replies, args)
+
+        return cls._collectively_built(comm, arguments)
 
     def reset_stats(self) -> None:
         """Zeroes :attr:`stats`: seconds per stage (:data:`STAGES`), calls, slots and bytes
@@ -243,9 +293,13 @@ class ExpertParallelMoE(MoELayer):
     # -- collectives --------------------------------------------------------------------
 
     def _fingerprint(self) -> int:
-        """What must agree between ranks, hashed: router, placement, shapes, dtype, routing."""
+        """What must agree between ranks, hashed: the replicated arrays (router and its
+        bias, correction bias, shared expert and its gate; each or its absence), placement,
+        shapes, dtype, routing and expert options."""
         h = hashlib.blake2b(digest_size=7)
-        h.update(np.ascontiguousarray(self._host["router"]).tobytes())
+        for name in REPLICATED:
+            a = self._host[name]
+            h.update(name.encode() + (b"-" if a is None else np.ascontiguousarray(a).tobytes()))
         h.update(self.placement.tobytes())
         h.update(repr((self.hidden_size, self.intermediate_size, self.kind, self.routing,
                        self.activation, self._alpha, self._limit, self.replies)).encode())
@@ -327,10 +381,12 @@ class ExpertParallelMoE(MoELayer):
         if self.queue is None:
             return None
         shape = self._experts.shape
-        if path == "auto":
-            path = choose(self.queue, -(-num_tokens // self.top_k), shape, self.top_k, x_kind,
-                          self.kind, path).path
-        return choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, path)
+        if path != "auto":
+            return choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, path)
+        auto = choose(self.queue, -(-num_tokens // self.top_k), shape, self.top_k, x_kind,
+                      self.kind, path)
+        plan = choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, auto.path)
+        return dataclasses.replace(plan, source=auto.source)
 
     def _forward(self, hidden_states: Any, routing: tuple | None, path: str,
                  on_host: bool = False) -> Any:
@@ -344,9 +400,12 @@ class ExpertParallelMoE(MoELayer):
                 validation.routing_weights("topk_weights", routing[0], (num_tokens, self.top_k))
                 validation.expert_ids("topk_ids", routing[1], (num_tokens, self.top_k),
                                       self.num_experts)
+                as_numpy = returns_numpy({"hidden_states": hidden_states,
+                                          "topk_weights": routing[0], "topk_ids": routing[1]})
             device = self.queue is not None and not on_host
             shared_plan = None
             if device:
+                self._check_row_budget(kind, path)
                 for name, a in zip(("topk_weights", "topk_ids"), routing or ()):
                     if is_device_array(a) and a.sycl_queue != self.queue:
                         raise ValueError(f"{name} must be on the layer's queue ({self.device})")
@@ -365,12 +424,20 @@ class ExpertParallelMoE(MoELayer):
             dest = self.placement[ids_host]
         except Exception as exc:
             error = exc
-        start = self._tick("route", start)
+        routed = time.perf_counter()
         recv_counts = self._exchange_counts(error, kind, dest)
-        self._tick("counts", start)
+        self._tick("counts", routed)
+        self.stats["route"] += routed - start
         return self._after_agreement(lambda: self._dispatch_and_combine(
             x, x32, kind, as_numpy, weights, ids_host, dest, recv_counts, path, device,
             routing is None, shared_plan))
+
+    def _check_row_budget(self, kind: str, path: str) -> None:
+        """MemoryError, before the ranks agree, when one received row's intermediates would
+        exceed the chunk budget on a path this rank's experts may take (whatever arrives)."""
+        for candidate in ("grouped", "per_token") if path == "auto" else (path,):
+            plan = choose(self.queue, 1, self._experts.shape, 1, kind, self.kind, candidate)
+            forward.check_memory(plan, self.queue, "ExpertParallelMoE")
 
     def _dispatch_and_combine(self, x: Any, x32: Any, kind: str, as_numpy: bool, weights: Any,
                               ids: np.ndarray, dest: np.ndarray, recv_counts: np.ndarray,

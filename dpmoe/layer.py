@@ -45,6 +45,12 @@ class MoELayer:
             ``sigmoid(x @ shared_expert_gate)`` (Qwen2-MoE); False adds it as is (DeepSeek).
     """
 
+    # the keyword options of from_numpy
+    OPTIONS = ("router_bias", "scoring", "num_expert_group", "topk_group", "correction_bias",
+               "routed_scaling_factor", "activation", "alpha", "limit", "gate_bias", "up_bias",
+               "down_bias", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+               "shared_expert_gate", "held_experts")
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int = 2, renormalize: bool = True, dtype: Any = "float32",
                  device: Any = None, seed: int | None = None,
@@ -96,8 +102,10 @@ class MoELayer:
         ``held_experts`` [E_held] int: a shard that holds only these global experts (gate,
         up, down and their biases are theirs, in that order; the router still covers all E):
         slots routed to other experts add nothing, as with ``fused_moe_forward``'s
-        ``expert_map`` (expert parallelism, see :mod:`dpmoe.distributed`).
+        ``expert_map`` (expert parallelism, see :mod:`dpmoe.distributed`); a shared expert
+        is added by every shard.
         """
+        validation.options("MoELayer.from_numpy", options, cls.OPTIONS)
         layer = cls.__new__(cls)
         layer._setup(router, gate, up, down, top_k, renormalize, device, **options)
         return layer
@@ -199,12 +207,19 @@ class MoELayer:
         return {k: v for k, v in self._host.items() if v is not None}
 
     def arguments(self) -> dict[str, Any]:
-        """The arguments of :meth:`from_numpy` that rebuild this layer, weights as host
-        copies: ``MoELayer.from_numpy(**layer.arguments(), device=...)``."""
+        """The arguments of :meth:`from_numpy` that rebuild this layer:
+        ``MoELayer.from_numpy(**layer.arguments(), device=...)``. The weights are read-only
+        views of the layer's host copies (copy one to change it)."""
         h, r = self._host, self.routing
         names = {"shared_gate": "shared_gate_proj", "shared_up": "shared_up_proj",
                  "shared_down": "shared_down_proj"}
-        given = {names.get(k, k): v for k, v in h.items() if v is not None}
+
+        def read_only(a: np.ndarray) -> np.ndarray:
+            view = a.view()
+            view.flags.writeable = False
+            return view
+
+        given = {names.get(k, k): read_only(v) for k, v in h.items() if v is not None}
         return dict(given, top_k=r.top_k, renormalize=r.renormalize, scoring=r.scoring,
                     num_expert_group=r.num_expert_group, topk_group=r.topk_group,
                     routed_scaling_factor=r.routed_scaling_factor, activation=self.activation,

@@ -153,6 +153,14 @@ def expert_map(a: Any, num_experts: int) -> int:
     return a.shape[0]
 
 
+def options(what: str, given: dict, known: tuple[str, ...]) -> None:
+    """Keyword options by name: TypeError naming the unknown ones."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{what} got unknown option(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(known)}")
+
+
 def held_experts(a: Any, num_held: int, num_experts: int) -> np.ndarray:
     """The global ids of the experts a layer shard holds (int32, in the order given):
     ``num_held`` distinct ids in ``[0, num_experts)``; None means all, in order."""

@@ -190,6 +190,75 @@ def case_bad_construction():
         assert "without an expert" in str(exc), exc
 
 
+def refused(build):
+    """The error ``build()`` raises (it must raise: on every rank, none waiting)."""
+    try:
+        build()
+    except (ValueError, TypeError, RuntimeError, MemoryError) as exc:
+        return exc
+    raise AssertionError("accepted")
+
+
+def case_construction_refusals():
+    """Bad construction arguments on one rank, or replicated parts that differ between
+    ranks: every rank raises, then the ranks build a layer together as usual."""
+    layer = layer_for("float32", experts=6)
+    last = RANK == SIZE - 1
+    exc = refused(lambda: ExpertParallelMoE.from_layer("not a layer" if last else layer))
+    assert isinstance(exc, TypeError if last or SIZE == 1 else RuntimeError), exc
+    a = layer.arguments()
+    router, gate, up, down = (a.pop(k) for k in ("router", "gate", "up", "down"))
+    a.pop("held_experts")
+    exc = refused(lambda: ExpertParallelMoE.from_numpy(
+        router, gate, None if last else up, down, **a))
+    if last or SIZE == 1:
+        assert isinstance(exc, TypeError) and "up must be an array" in str(exc), exc
+    # replicated parts that differ: a router bias on one rank only, other shared weights
+    if SIZE > 1:
+        bias = np.ones(6, np.float32) if RANK == 0 else None
+        exc = refused(lambda: ExpertParallelMoE.from_numpy(
+            router, gate, up, down, **dict(a, router_bias=bias)))
+        assert isinstance(exc, ValueError) and "router or correction bias, shared" in str(exc), exc
+        shared = a["shared_up_proj"] * (1 + RANK)
+        exc = refused(lambda: ExpertParallelMoE.from_numpy(
+            router, gate, up, down, **dict(a, shared_up_proj=shared)))
+        assert isinstance(exc, ValueError), exc
+    # all experts given to the shard constructor: told what to pass
+    if SIZE > 1:
+        exc = refused(lambda: ExpertParallelMoE(router, gate, up, down, **a))
+        assert "pass this rank's experts only" in str(exc), exc
+    exc = refused(lambda: ExpertParallelMoE.from_numpy(
+        router, gate, up, down, **dict(a, gate_bais=None)))
+    assert "unknown option(s) gate_bais" in str(exc), exc
+    ep = ExpertParallelMoE.from_numpy(router, gate, up, down, **a)
+    x = tokens(5, layer.hidden_size, np.float32)
+    compare(gathered(ep(x, path="per_token")),
+            np.concatenate([layer(x, path="per_token")] * SIZE) if RANK == 0 else None,
+            True, np.float32)
+
+
+def case_row_budget():
+    """A chunk budget too small for one row on a path the experts may take is refused
+    before the ranks agree (every rank raises, nobody aborts); the output type follows all
+    inputs (dpnp ids give a dpnp result)."""
+    import dpnp
+
+    layer = layer_for("float16", shared=False)
+    ep = ExpertParallelMoE.from_layer(layer)
+    x = tokens(4, layer.hidden_size, np.float16)
+    w, ids = layer.route(x)
+    if ep.queue is None:
+        return  # the NumPy fallback has no chunk budget
+    os.environ["DPMOE_MAX_INTERMEDIATE_BYTES"] = "5000"
+    try:
+        exc = refused(lambda: ep.experts(x, w, ids))
+        assert isinstance(exc, MemoryError) and "chunk budget" in str(exc), exc
+    finally:
+        del os.environ["DPMOE_MAX_INTERMEDIATE_BYTES"]
+    y = ep.experts(x, w, dpnp.asarray(ids))
+    assert isinstance(y, dpnp.ndarray), type(y)
+
+
 def case_abort():
     """A failure after the ranks agreed (here injected on the last rank) aborts the job."""
     layer = layer_for("float32", shared=False)
@@ -223,6 +292,8 @@ CASES = {
     "reference": case_reference,
     "refusals": case_refusals,
     "bad_construction": case_bad_construction,
+    "construction_refusals": case_construction_refusals,
+    "row_budget": case_row_budget,
 }
 
 

@@ -91,3 +91,57 @@ def test_random_layer_with_shared_expert(rng):
         assert ("shared_expert_gate" in layer.weights()) == gated
         x = normal(rng, (9, 32))
         assert_close(layer(x), layer.reference(x))
+
+
+@pytest.mark.parametrize("path", ["grouped", "per_token"])
+def test_shards_add_up_to_the_whole_layer(rng, path):
+    """Layers holding disjoint sets of experts (held_experts, any order) give partial sums
+    that add up to the whole layer; each shard matches its own reference; a shard's
+    experts() maps global ids the same way."""
+    layer = dpmoe.MoELayer(40, 24, 7, top_k=3, dtype="float32", seed=2,
+                           shared_expert_intermediate_size=16)
+    args = layer.arguments()
+    x = normal(rng, (9, 40))
+    x[:4] = x[0]  # tokens that share experts: blocks of slots on the per-token path
+    shards = []
+    for held in ([5, 0, 3], [1, 2, 4, 6]):
+        part = {k: args[k][held] for k in ("gate", "up", "down")}
+        shards.append(dpmoe.MoELayer.from_numpy(**dict(args, **part, held_experts=held)))
+    for shard in shards:
+        assert_close(shard(x, path=path), shard.reference(x))
+    shared = reference.shared_expert(x, layer.weights())  # each shard adds it once
+    total = sum(s(x, path=path) for s in shards) - shared
+    assert_close(total, layer.reference(x))
+    weights, ids = layer.route(x)
+    routed = sum(s.experts(x, weights, ids, path=path) for s in shards)
+    assert_close(routed, layer.experts(x, weights, ids, path=path))
+
+
+def test_arguments_rebuild_the_layer_and_are_read_only(rng):
+    layer = dpmoe.MoELayer(24, 16, 4, top_k=2, dtype="bfloat16", seed=1,
+                           shared_expert_intermediate_size=8)
+    args = layer.arguments()
+    assert args["held_experts"] is None and args["top_k"] == 2
+    with pytest.raises(ValueError, match="read-only"):
+        args["router"][0, 0] = 1.0
+    x = normal(rng, (5, 24), dpmoe.arrays.BFLOAT16)
+    rebuilt = dpmoe.MoELayer.from_numpy(**args)
+    np.testing.assert_array_equal(rebuilt(x).view(np.uint16), layer(x).view(np.uint16))
+
+
+def test_held_experts_and_options_are_validated(rng):
+    router = normal(rng, (8, 5))
+    gate, up, down = normal(rng, (2, 8, 4)), normal(rng, (2, 8, 4)), normal(rng, (2, 4, 8))
+    make = dpmoe.MoELayer.from_numpy
+    with pytest.raises(ValueError, match="held_experts names 3 experts but gate_weights holds 2"):
+        make(router, gate, up, down, held_experts=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"held_experts must hold ids in \[0, 5\)"):
+        make(router, gate, up, down, held_experts=[0, 5])
+    with pytest.raises(ValueError, match="twice"):
+        make(router, gate, up, down, held_experts=[3, 3])
+    with pytest.raises(TypeError, match="1-D sequence of ints"):
+        make(router, gate, up, down, held_experts=[0.0, 1.0])
+    with pytest.raises(TypeError, match="unknown option.*held_expert\\b"):
+        make(router, gate, up, down, held_expert=[0, 1])
+    with pytest.raises(ValueError, match="path must be one of"):
+        make(router, gate, up, down, held_experts=[0, 1])(normal(rng, (2, 8)), path="fast")

@@ -54,5 +54,8 @@ def write_back(target: Any, result: Any) -> Any:
 
 
 def host(a: Any) -> Any:
-    """``a`` as a NumPy array for the reference (None stays None)."""
-    return None if a is None else to_host(a)
+    """``a`` as a NumPy array for the reference (None stays None; quantized weights, which
+    live on the host, as they are)."""
+    if a is None or getattr(a, "quantized", False):
+        return a
+    return to_host(a)

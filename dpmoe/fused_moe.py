@@ -15,7 +15,7 @@ import numpy as np
 from . import memory, reference, validation
 from ._dispatch import call, host, write_back
 from ._engine import forward
-from ._engine.experts import ExpertOptions, ExpertWeights, widened_bytes
+from ._engine.experts import ExpertOptions, expert_weights, widened_bytes
 from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
 from .arrays import to_device
@@ -125,7 +125,7 @@ def fused_moe_forward(
             routing=topk_weights.size * 8)
         options = ExpertOptions.on_device(queue, activation, alpha, limit,
                                           routed_scaling_factor, gate_bias, up_bias, down_bias)
-        experts = ExpertWeights(gate_weights, up_weights, down_weights, w_kind, queue,
+        experts = expert_weights(gate_weights, up_weights, down_weights, w_kind, queue,
                                 persistent=False)
         return forward.run(plan, to_device(hidden_states, queue), x_kind, experts, topk_weights,
                            local_ids(topk_indices, expert_map), renormalize, options)

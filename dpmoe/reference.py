@@ -9,6 +9,7 @@ Inputs are assumed valid: the public functions validate before calling them.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,12 @@ F32 = np.float32
 
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).astype(F32)
+
+
+def dequantized(w: Any) -> np.ndarray:
+    """Expert weights as float32 when they are :class:`dpmoe.quant.QuantizedExperts` (the
+    oracle of the quantized kernels is the forward on dequantised weights); else as given."""
+    return w.dequantize() if getattr(w, "quantized", False) is True else w
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -247,6 +254,8 @@ def fused_moe_forward(
     ``s`` is ``routed_scaling_factor``. With ``expert_map`` (global id -> local id, -1 when
     the expert lives elsewhere), ids are global and slots of non-local experts add nothing.
     """
+    gate_weights, up_weights, down_weights = (
+        dequantized(w) for w in (gate_weights, up_weights, down_weights))
     x = _f32(hidden_states)
     w = _f32(topk_weights)
     if renormalize:

@@ -98,8 +98,38 @@ def writable(name: str, a: Any, what: str) -> None:
                          f"memory); {what}")
 
 
+def quantized(a: Any) -> bool:
+    """Whether ``a`` is a :class:`dpmoe.quant.QuantizedExperts`."""
+    return getattr(a, "quantized", False) is True
+
+
+def quantized_experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
+    """Gate/up [E, H, I] and down [E, I, H] :class:`dpmoe.quant.QuantizedExperts` of one
+    format (each validated when it was made); returns the format."""
+    fmt = gate_weights.format
+    num_experts, hidden, inter = gate_weights.shape
+    for name, w, expected, meaning in (
+        ("up_weights", up_weights, (num_experts, hidden, inter), "[E, H, I] like gate_weights"),
+        ("down_weights", down_weights, (num_experts, inter, hidden), "[E, I, H]"),
+    ):
+        if not quantized(w):
+            raise TypeError(f"{name} must be quantized like gate_weights ({fmt}), got "
+                            f"{type(w).__name__}")
+        if w.format != fmt:
+            raise TypeError(f"{name} must have gate_weights' format ({fmt}), got {w.format}")
+        if tuple(w.shape) != expected:
+            raise ValueError(f"{name} must have shape {meaning} = {expected}, got {tuple(w.shape)}")
+    return fmt
+
+
 def experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
-    """Gate/up [E, H, I] and down [E, I, H] of one float kind; returns that kind."""
+    """Gate/up [E, H, I] and down [E, I, H] of one float kind, or quantized experts of one
+    format (:mod:`dpmoe.quant`); returns that kind or format."""
+    if quantized(gate_weights):
+        return quantized_experts(gate_weights, up_weights, down_weights)
+    for name, w in (("up_weights", up_weights), ("down_weights", down_weights)):
+        if quantized(w):
+            raise TypeError(f"{name} is quantized but gate_weights is not: quantize all three")
     kind = float_array("gate_weights", gate_weights, 3)
     num_experts, hidden, inter = gate_weights.shape
     if min(num_experts, hidden, inter) == 0:

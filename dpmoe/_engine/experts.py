@@ -9,6 +9,7 @@ from typing import Any
 from .. import onemkl_host, pages
 from ..arrays import as_words, flat, float_kind, to_device
 from .convert import widen
+from .quantized import QUANT_FORMATS, QuantizedExpertWeights
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,18 @@ def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int]) -> int:
     """Bytes of the float32 copies of 16-bit weights of ``shape`` (E, H, I) that backend
     ``gemm`` makes (``dpnp.matmul`` has no 16-bit GEMM)."""
     num_experts, hidden, inter = shape
-    return 3 * num_experts * hidden * inter * 4 if gemm == "dpnp.matmul" and kind != "float32" else 0
+    widened = gemm == "dpnp.matmul" and kind in ("float16", "bfloat16")
+    return 3 * num_experts * hidden * inter * 4 if widened else 0
+
+
+def expert_weights(gate: Any, up: Any, down: Any, kind: str, queue: Any,
+                   persistent: bool) -> Any:
+    """The experts on ``queue``: :class:`ExpertWeights` for float weights, or
+    :class:`~dpmoe._engine.quantized.QuantizedExpertWeights` for quantized ones (``kind`` a
+    :mod:`dpmoe.quant` format)."""
+    if kind in QUANT_FORMATS:
+        return QuantizedExpertWeights(gate, up, down, queue, persistent)
+    return ExpertWeights(gate, up, down, kind, queue, persistent)
 
 
 class ExpertWeights:
@@ -65,6 +77,8 @@ class ExpertWeights:
     but reused weights run 2-3x faster packed. ``persistent`` (a layer that reuses its
     weights) keeps those derived forms instead of rebuilding them per call.
     """
+
+    quantized = False
 
     def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, persistent: bool):
         self.gate, self.up, self.down = (to_device(w, queue) for w in (gate, up, down))

@@ -20,13 +20,16 @@ from .. import onemkl_host
 from ..arrays import empty, flat
 from ..device import dpnp
 from .metadata import GroupedLayout
+from .quantized import QUANT_FORMATS
 
 
 def host_gemm_kind(queue: Any, rows_kind: str, weights_kind: str) -> str | None:
     """The kind the grouped GEMMs run in through oneMKL's host GEMM (None: ``dpnp.matmul``):
     float32 for float32 weights (rows are gathered as float32), bfloat16 when rows and
     weights both are, when the device allows."""
-    if weights_kind == "float32":
+    if weights_kind in QUANT_FORMATS:  # dequantised for the GEMMs to the rows' kind
+        kind = "bfloat16" if rows_kind == "bfloat16" else "float32"
+    elif weights_kind == "float32":
         kind = "float32"
     elif weights_kind == rows_kind == "bfloat16":
         kind = "bfloat16"
@@ -55,7 +58,8 @@ def gather_rows(src: Any, src_kind: str, layout: GroupedLayout, top_k: int,
 
 def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b: bool = False,
                        packed: tuple | None = None, a_rows: list | None = None,
-                       names: tuple | None = None, buffers: Any = None) -> list:
+                       names: tuple | None = None, buffers: Any = None,
+                       outs: list | None = None) -> list:
     """Rows [n_rows, K] times each of ``stacks`` ([E, K, N] weights, [E, N, K] with
     ``trans_b``), rows and weights both float32 or both bf16 bits, through oneMKL's host
     GEMMs in place (CPU devices; per-expert layout) -> one float32 [n_rows, N] per stack.
@@ -64,12 +68,14 @@ def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b:
     experts with two or more rows: a single row is a GEMV, which reads the bf16 weights
     faster in place than 2.4x their bytes packed). ``a_rows``: per segment, the row of
     ``rows`` it starts at, when not the layout's (see :meth:`GroupedLayout.token_rows`).
-    ``names``: per stack, the workspace buffer for its product.
+    ``names``: per stack, the workspace buffer for its product; ``outs``: the products'
+    arrays instead (only the layout's rows are written).
     """
     k_dim = rows.shape[1]
     n_dim = stacks[0].shape[1] if trans_b else stacks[0].shape[2]
-    outs = [intermediate(buffers, name, (layout.n_rows, n_dim), "float32", rows.sycl_queue)
-            for name in (names or ("product",) * len(stacks))]
+    if outs is None:
+        outs = [intermediate(buffers, name, (layout.n_rows, n_dim), "float32", rows.sycl_queue)
+                for name in (names or ("product",) * len(stacks))]
     rows.sycl_queue.wait()  # the host GEMM reads what device work wrote
     if rows.dtype == np.float32:
         onemkl_host.gemm_batch(rows, list(zip(stacks, outs)), layout.segments, n_dim, k_dim,

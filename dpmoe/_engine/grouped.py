@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import replace
+
+import numpy as np
+
 from ..arrays import empty, flat
+from ..device import dpnp
+from ..pages import upload
 from .experts import ExpertOptions, ExpertWeights
 from .gemm import expert_matmul, expert_matmul_host, gather_rows, intermediate
 from .metadata import plan_host_layout, plan_layout
 from .plan import ExecutionPlan
+from .quantized import dequant_group
 from .reduce import weighted_sum
 
 
@@ -52,7 +59,16 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         act_kernel(flat(gate), flat(up), flat(result), layout.n_rows, inter, inter, inter, 0,
                    options.alpha, options.limit, **biases)
 
-    if bf16:
+    if getattr(experts, "quantized", False):
+        kind = "bfloat16" if bf16 else "float32"
+        rows, a_rows = token_rows(kind)
+        gate, up = _quantized_gemms(experts, (0, 1), rows, a_rows, layout, kind, host, buffers)
+        act = gate
+        if bf16:
+            act = intermediate(buffers, "act", (layout.n_rows, inter), "bfloat16", queue)
+        activate(gate, up, act)
+        (down,) = _quantized_gemms(experts, (2,), act, None, layout, kind, host, buffers)
+    elif bf16:
         # bf16 activations in, float32 accumulation out; the activation is rounded to bf16
         # for the down GEMM, as any bf16 GEMM pipeline does
         several = any(count > 1 for _, _, count in layout.segments)
@@ -80,3 +96,41 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
             (down,) = expert_matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
+
+
+def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
+                     layout: Any, kind: str, host: bool, buffers: Any) -> list:
+    """Rows times matrices ``which`` (0 gate, 1 up, 2 down) of quantized experts: a group
+    of experts at a time is dequantised to ``kind`` into one reused buffer per matrix, then
+    multiplied like plain weights; float32 [n_rows, N] per matrix."""
+    num_experts, hidden, inter = experts.shape
+    queue = rows.sycl_queue
+    n_dim = hidden if which == (2,) else inter
+    k_dim = rows.shape[1]
+    names = ("down",) if which == (2,) else ("gate", "up")
+    outs = [intermediate(buffers, name, (layout.n_rows, n_dim), "float32", queue)
+            for name in names]
+    segments = layout.segments or [  # a stacked layout: every expert's block of rows
+        (e, e * layout.rows_per_expert, layout.rows_per_expert) for e in range(num_experts)]
+    starts = a_rows or [first for _, first, _ in segments]
+    group = dequant_group(experts.shape, kind)
+    for at in range(0, len(segments), group):
+        chunk = segments[at:at + group]
+        ids = upload(np.array([e for e, _, _ in chunk], np.int32), queue)
+        stacks = []
+        for i, matrix in enumerate(which):
+            buf = intermediate(buffers, f"dequantized_{i}", (len(chunk), k_dim, n_dim), kind,
+                               queue)
+            experts.dequantize_into(matrix, ids, buf, kind)
+            stacks.append(buf)
+        local = [(g, first, count) for g, (_, first, count) in enumerate(chunk)]
+        if host:
+            sub = replace(layout, segments=local)
+            expert_matmul_host(rows, tuple(stacks), sub, a_rows=starts[at:at + group],
+                               outs=outs)
+        else:
+            for stack, out in zip(stacks, outs):
+                for g, first, count in local:
+                    dpnp.matmul(rows[first:first + count], stack[g], out=out[first:first + count])
+            queue.wait()  # these GEMMs read the buffers the next group refills
+    return outs

@@ -38,22 +38,38 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
     meta = upload(meta, queue)
     slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
     row_of_slot = meta[n_pos + n_blocks:]
-    (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
+    if getattr(experts, "quantized", False):
+        from ..kernels.quant import make_quant_gemv_kernel
+
+        (gate, s_gate, cols_gu, *scale_grid_gu), (up, s_up, _, _, _), \
+            (down, s_down, cols_d, *scale_grid_d) = experts.gemv_operands()
+        gate_up, down_ops = (gate, up, s_gate, s_up), (down, down, s_down, s_down)
+
+        def gemv(in_kind: str, two: bool, by_token: bool, down: bool = False) -> Any:
+            cols = cols_d if down else cols_gu
+            return make_quant_gemv_kernel(experts.kind, in_kind, block, cols, two, by_token)
+    else:
+        (gate, up, cols_gu), (down, _, cols_d) = experts.gemv_operands()
+        gate_up, down_ops, scale_grid_gu, scale_grid_d = (gate, up), (down, down), (), ()
+
+        def gemv(in_kind: str, two: bool, by_token: bool, down: bool = False) -> Any:
+            cols = cols_d if down else cols_gu
+            return make_block_gemv_kernel(in_kind, experts.kind, block, cols, two, by_token)
     if n_pos == 0:  # every slot's expert lives on another device
         weighted_sum(empty((1,), "float32", queue), "float32", row_of_slot, weights, ids, out,
                      out_kind, top_k, renormalize, scale=options.scale)
         return
 
     partial = empty((splits(hidden) * n_pos * 2 * inter,), "float32", queue)
-    make_block_gemv_kernel(x_kind, experts.kind, block, cols_gu, True, True)(
-        flat(x), gate, up, slot_of_pos, block_expert, partial, hidden, inter, top_k, n_slots)
+    gemv(x_kind, True, True)(flat(x), *gate_up, slot_of_pos, block_expert, partial, hidden,
+                             inter, top_k, n_slots, *scale_grid_gu)
     act = empty((n_pos * inter,), "float32", queue)
     make_finish_gate_up_kernel(options.activation, options.bias_kind)(
         partial, act, inter, hidden, n_pos, block, block_expert, options)
 
     partial = empty((splits(inter) * n_pos * hidden,), "float32", queue)
-    make_block_gemv_kernel("float32", experts.kind, block, cols_d, False, False)(
-        act, down, down, slot_of_pos, block_expert, partial, inter, hidden, top_k, n_slots)
+    gemv("float32", False, False, down=True)(act, *down_ops, slot_of_pos, block_expert, partial,
+                                             inter, hidden, top_k, n_slots, *scale_grid_d)
     weighted_sum(partial, "float32", row_of_slot, weights, ids, out, out_kind, top_k, renormalize,
                  options.down_bias, options.down_bias_kind, n_parts=splits(inter), part_rows=n_pos,
                  scale=options.scale)

@@ -26,6 +26,7 @@ from .. import memory, tuning
 from ..kernels.sizes import splits
 from .gemm import host_gemm_kind
 from .metadata import DEFAULT_BLOCK_SIZE, alignment_bytes, max_grouped_rows, max_positions
+from .quantized import QUANT_FORMATS, dequant_group
 
 # Slots per block on the per-token path: an expert's weights are read once per block. When
 # no expert has two slots a block of 1 is used: larger blocks cost 1.2-1.6x on a lone slot.
@@ -71,14 +72,19 @@ def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, 
         n_pos = max_positions(n_slots, num_experts, PER_TOKEN_BLOCK)
         per_pos = 4 * (splits(hidden) * 2 * inter + inter + splits(inter) * hidden)
         return ids + 4 * n_pos + n_pos * per_pos
+    dequantized = 0
+    if w_kind in QUANT_FORMATS:  # a group of experts' gate and up (then down) at a time
+        kind = "bfloat16" if gemm == "onemkl-host-bf16" else "float32"
+        group = min(dequant_group((num_experts, hidden, inter), kind), n_slots)
+        dequantized = group * 2 * hidden * inter * (2 if kind == "bfloat16" else 4)
     if gemm.startswith("onemkl-host"):
         rows_item = 2 if gemm == "onemkl-host-bf16" else 4
         act = 2 * inter if gemm == "onemkl-host-bf16" else 0
         per_row = rows_item * hidden + 4 * 2 * inter + act + 4 * hidden
-        return ids + n_slots * per_row
+        return ids + n_slots * per_row + dequantized
     n_rows = max_grouped_rows(n_slots, num_experts, host=False)
     alignment = alignment_bytes(n_slots, num_experts, DEFAULT_BLOCK_SIZE) + 4 * (n_slots + n_rows)
-    return ids + alignment + n_rows * 4 * (2 * hidden + 2 * inter)
+    return ids + alignment + n_rows * 4 * (2 * hidden + 2 * inter) + dequantized
 
 
 def _largest_chunk(path: str, gemm: str, num_tokens: int, sizes: tuple, budget: int) -> int:
@@ -99,12 +105,15 @@ def choose(queue: Any, num_tokens: int, shape: tuple[int, int, int], top_k: int,
     (E, H, I) in ``w_kind`` on ``queue``; ``path`` "auto" asks the tuned config."""
     num_experts, hidden, inter = shape
     host = host_gemm_kind(queue, x_kind, w_kind)
-    if path == "auto" and x_kind != w_kind:  # tuned files were measured with equal kinds
+    quantized = w_kind in QUANT_FORMATS
+    if path == "auto" and x_kind != w_kind and not quantized:  # tuned with equal kinds
         path = tuning.default_config(num_tokens, host)["path"]
         source = f"default ({x_kind} tokens with {w_kind} weights are not tuned)"
     elif path == "auto":
+        # quantized weights are dequantised for every grouped call: untuned, the default
+        # keeps decode on the per-token kernels that read them in place
         config, source = tuning.get_config(num_experts, inter, w_kind, queue.sycl_device.name,
-                                           num_tokens, host)
+                                           num_tokens, None if quantized else host)
         path = config["path"]
     else:
         source = f"path={path!r}"

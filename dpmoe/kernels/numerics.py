@@ -23,6 +23,10 @@ def _bits_as_f32(typingctx, bits):
     return sig, codegen
 
 
+# public names for kernels that build floats from bits (the quantized formats' decoders)
+bits_as_f32 = _bits_as_f32
+
+
 @intrinsic
 def _f32_as_bits(typingctx, value):
     sig = types.uint32(types.float32)

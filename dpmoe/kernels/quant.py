@@ -1,0 +1,254 @@
+"""Kernels that read quantized expert weights (:mod:`dpmoe.quant`) in their own bytes.
+
+Formats, in dpmoe's [E, K, N] layout (K the reduction dimension):
+
+- ``int8``: int8 [E, K, N], float32 scales [E, N] (one per output column);
+- ``fp8_block``: float8_e4m3fn bits [E, K, N], float32 scales [E, ceil(K/128), ceil(N/128)];
+- ``mxfp4``: uint8 [E, K/2, N], two e2m1 values per byte along K (low nibble = even k),
+  e8m0 exponents [E, K/32, N].
+
+Bytes are read four at a time as uint32 words (four neighbouring columns, and for mxfp4
+two rows of them) when N allows, so the loads vectorise like the 16-bit path's, and decoded
+in registers with integer operations (no table lookups: a gather per weight would cost more
+than the bytes it saves). The per-token GEMV multiplies the decoded weights into float32
+accumulators, never writing a dequantised weight; the grouped path dequantises a group of
+experts at a time into a reused buffer for the GEMMs (:func:`make_dequantize_kernel`).
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import numba_dpex as dpex
+from numba_dpex import kernel_api as kapi
+
+from .gemv import MAX_GROUP_SIZE, ROWS_PER_BARRIER
+from .launch import call
+from .numerics import bits_as_f32, loader, storer
+from .sizes import ROWS_PER_SPLIT, splits
+
+FP8_BLOCK = 128  # fp8_block's scale blocks are 128 x 128
+MX_BLOCK = 32  # mxfp4's scale blocks are 32 values along K
+
+
+@dpex.device_func
+def int8_value(byte):
+    """An int8 held in the low 8 bits of a uint32, as float32."""
+    b = np.int32(byte & np.uint32(0xFF))
+    return np.float32(b - ((b >> 7) << 8))
+
+
+@dpex.device_func
+def fp8_value(byte):
+    """float8_e4m3fn bits (low 8 bits) as float32: exponent bias 7, 3 mantissa bits;
+    exponent 0 is subnormal (m * 2^-9). NaN bytes are refused when the weights are made."""
+    b = byte & np.uint32(0xFF)
+    magnitude = b & np.uint32(0x7F)
+    if (magnitude >> np.uint32(3)) == 0:
+        v = np.float32(magnitude) * np.float32(1.0 / 512.0)
+    else:  # rebias the exponent 7 -> 127 by adding 120 to it: exact, no denormals involved
+        v = bits_as_f32(np.uint32((magnitude << np.uint32(20)) + np.uint32(120 << 23)))
+    if b & np.uint32(0x80):
+        v = -v
+    return v
+
+
+@dpex.device_func
+def fp4_value(nibble):
+    """An e2m1 code (low 4 bits) as float32: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign."""
+    n = nibble & np.uint32(0xF)
+    e = (n >> np.uint32(1)) & np.uint32(3)
+    m = n & np.uint32(1)
+    if e == 0:
+        v = np.float32(m) * np.float32(0.5)
+    else:
+        v = bits_as_f32(np.uint32(((e + np.uint32(126)) << np.uint32(23)) | (m << np.uint32(22))))
+    if n & np.uint32(8):
+        v = -v
+    return v
+
+
+@dpex.device_func
+def e8m0_value(byte):
+    """An e8m0 exponent (low 8 bits) as 2**(byte - 127); 255 (NaN) is refused earlier."""
+    b = byte & np.uint32(0xFF)
+    if b == 0:
+        return np.float32(2.0 ** -127)
+    return bits_as_f32(np.uint32(b << np.uint32(23)))
+
+
+def cols_per_load(fmt: str, n_cols: int) -> int:
+    """Columns one work-item reads per load: 4 (a uint32 word) when N is a multiple of 4,
+    else 1 (a byte)."""
+    return 4 if n_cols % 4 == 0 else 1
+
+
+_GEMV_TEMPLATE = """
+def quant_gemv_kernel(
+    nd, inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial,
+    n_rows, n_units, n_cols, top_k, n_slots, n_splits, n_tiles, n_pos, n_srows, n_scols,
+):
+    group_size = nd.get_local_range(0)
+    g = nd.get_group().get_group_id(0)
+    tile = g % n_tiles
+    rest = g // n_tiles
+    split = rest % n_splits
+    blk = rest // n_splits
+    unit = tile * group_size + nd.get_local_id(0)
+    live = unit < n_units
+    expert = block_expert[blk]
+    col = unit * COLS
+{init}
+    first = split * ROWS_PER_SPLIT
+    last = min(first + ROWS_PER_SPLIT, n_rows)
+    for base in range(first, last, ROWS_PER_BARRIER):
+        if live:
+{chunk}
+            for h in range(base, min(base + ROWS_PER_BARRIER, last), STEP):
+                at = (expert * (n_rows // STEP) + h // STEP) * n_units + unit
+                wa = np.uint32(w_a[at])
+                wb = np.uint32(w_b[at]) if TWO else np.uint32(0)
+{accumulate}
+        group_barrier(nd.get_group())
+    if live:
+{store}
+"""
+
+
+def _gemv_source(fmt: str, block: int, cols: int, two: bool) -> str:
+    """Kernel source with named accumulators (one per slot, column and matrix; see
+    :mod:`dpmoe.kernels.gemv` for why generated), specialised to the format."""
+    mats = ("a", "b") if two else ("a",)
+    init, chunk, accumulate, store = [], [], [], []
+    for r in range(block):
+        init += [f"    acc{r}{m}{c} = ZERO" for m in mats for c in range(cols)]
+        init += [
+            f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
+            f"    src{r} = 0",  # an empty position computes on row 0 (never read)
+            f"    if slot{r} < n_slots:",
+            f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
+        ]
+    if fmt == "fp8_block":  # one scale per 128 x 128 block; a chunk of rows stays in one
+        for m in mats:
+            chunk.append(f"            s{m} = s_{m}[(expert * n_srows + base // {FP8_BLOCK}) "
+                         f"* n_scols + col // {FP8_BLOCK}]")
+    elif fmt == "mxfp4":  # one scale per column per 32 rows; a chunk stays in one block
+        for m in mats:
+            for c in range(cols):
+                chunk.append(f"            s{m}{c} = e8m0_value(np.uint32(s_{m}[(expert * n_srows "
+                             f"+ base // {MX_BLOCK}) * n_cols + col + {c}]))")
+    for m in mats:
+        for c in range(cols):
+            shift = f"np.uint32({8 * c})"
+            byte = f"(w{m} >> {shift})" if cols > 1 else f"w{m}"
+            if fmt == "int8":
+                accumulate.append(f"                {m}{c} = int8_value({byte})")
+            elif fmt == "fp8_block":
+                accumulate.append(f"                {m}{c} = fp8_value({byte}) * s{m}")
+            else:  # the low nibble is row h, the high nibble row h + 1
+                accumulate.append(f"                {m}{c}l = fp4_value({byte}) * s{m}{c}")
+                accumulate.append(f"                {m}{c}h = fp4_value({byte} >> np.uint32(4)) "
+                                  f"* s{m}{c}")
+    for r in range(block):
+        accumulate.append(f"                x{r} = load_in(inp, src{r} * n_rows + h)")
+        if fmt == "mxfp4":
+            accumulate.append(f"                y{r} = load_in(inp, src{r} * n_rows + h + 1)")
+        for m in mats:
+            for c in range(cols):
+                if fmt == "mxfp4":
+                    accumulate.append(f"                acc{r}{m}{c} += x{r} * {m}{c}l + y{r} * {m}{c}h")
+                else:
+                    accumulate.append(f"                acc{r}{m}{c} += x{r} * {m}{c}")
+    for r in range(block):
+        store.append(f"        out = ((split * n_pos) + blk * BLOCK + {r}) * WIDTH * n_cols + col")
+        for i, m in enumerate(mats):
+            for c in range(cols):
+                value = f"acc{r}{m}{c}"
+                if fmt == "int8":  # per-column scales: applied once to the column's sum
+                    value += f" * s_{m}[expert * n_cols + col + {c}]"
+                store.append(f"        partial[out + {i} * n_cols + {c}] = {value}")
+    return _GEMV_TEMPLATE.format(init="\n".join(init), chunk="\n".join(chunk) or "            pass",
+                                 accumulate="\n".join(accumulate), store="\n".join(store))
+
+
+@lru_cache(maxsize=None)
+def make_quant_gemv_kernel(fmt: str, in_kind: str, block: int, cols: int, two_matrices: bool,
+                           rows_by_token: bool):
+    """Partial products of input rows with quantized expert matrices, per row chunk: the
+    quantized counterpart of :func:`dpmoe.kernels.gemv.make_block_gemv_kernel` (same
+    arguments and output), plus the scales ``s_a``/``s_b``. ``w_a``/``w_b``: the format's
+    bytes as uint32 words when ``cols`` is 4, else as uint8."""
+    namespace = {
+        "np": np,
+        "load_in": loader(in_kind),
+        "int8_value": int8_value,
+        "fp8_value": fp8_value,
+        "fp4_value": fp4_value,
+        "e8m0_value": e8m0_value,
+        "group_barrier": kapi.group_barrier,
+        "ZERO": np.float32(0.0),
+        "BLOCK": block,
+        "COLS": cols,
+        "TWO": two_matrices,
+        "WIDTH": 2 if two_matrices else 1,
+        "BY_TOKEN": rows_by_token,
+        "STEP": 2 if fmt == "mxfp4" else 1,
+        "ROWS_PER_SPLIT": ROWS_PER_SPLIT,
+        "ROWS_PER_BARRIER": ROWS_PER_BARRIER,
+    }
+    source = _gemv_source(fmt, block, cols, two_matrices)
+    exec(compile(source, f"<quant_gemv_kernel {fmt} block={block} cols={cols}>", "exec"), namespace)
+    kernel = dpex.kernel(namespace["quant_gemv_kernel"])
+
+    def launch(inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial, n_rows, n_cols,
+               top_k, n_slots, n_srows, n_scols):
+        n_units = n_cols // cols
+        group_size = min(MAX_GROUP_SIZE, -(-n_units // 16) * 16)
+        n_tiles = -(-n_units // group_size)
+        n_splits = splits(n_rows)
+        n_blocks = block_expert.shape[0]
+        call(
+            kernel,
+            dpex.NdRange(dpex.Range(n_blocks * n_splits * n_tiles * group_size),
+                         dpex.Range(group_size)),
+            inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial, n_rows, n_units,
+            n_cols, top_k, n_slots, n_splits, n_tiles, n_blocks * block, n_srows, n_scols,
+        )
+
+    return launch
+
+
+@lru_cache(maxsize=None)
+def make_dequantize_kernel(fmt: str, out_kind: str):
+    """Dequantises whole experts: ``out[g, k, n]`` (storage form of ``out_kind``) = the
+    value of expert ``experts[g]`` at (k, n), for the grouped path's GEMMs. One work-item
+    per (byte column, byte row, expert); ``w`` is the format's bytes as uint8."""
+    store = storer(out_kind)
+    mx = fmt == "mxfp4"
+    is_int8, is_fp8 = fmt == "int8", fmt == "fp8_block"
+
+    @dpex.kernel
+    def dequantize_kernel(item: kapi.Item, w, scales, experts, out, n_rows, n_cols, n_srows,
+                          n_scols):
+        n = item.get_id(0)
+        row = item.get_id(1)  # a byte row: for mxfp4 two rows of values
+        g = item.get_id(2)
+        e = experts[g]
+        step = 2 if mx else 1
+        byte = np.uint32(w[(e * (n_rows // step) + row) * n_cols + n])
+        k = row * step
+        if is_int8:
+            store(out, (g * n_rows + k) * n_cols + n, int8_value(byte) * scales[e * n_cols + n])
+        elif is_fp8:
+            s = scales[(e * n_srows + k // FP8_BLOCK) * n_scols + n // FP8_BLOCK]
+            store(out, (g * n_rows + k) * n_cols + n, fp8_value(byte) * s)
+        else:
+            s = e8m0_value(np.uint32(scales[(e * n_srows + k // MX_BLOCK) * n_cols + n]))
+            store(out, (g * n_rows + k) * n_cols + n, fp4_value(byte) * s)
+            store(out, (g * n_rows + k + 1) * n_cols + n, fp4_value(byte >> np.uint32(4)) * s)
+
+    def launch(w, scales, experts, out, n_rows, n_cols, n_srows, n_scols):
+        byte_rows = n_rows // 2 if mx else n_rows
+        call(dequantize_kernel, dpex.Range(n_cols, byte_rows, experts.shape[0]), w, scales,
+             experts, out, n_rows, n_cols, n_srows, n_scols)
+
+    return launch

@@ -180,7 +180,8 @@ class ExpertParallelMoE(MoELayer):
             validation.float_array("router", router, 2)
             self.placement = _placement(placement, router.shape[1], self.comm.size)
             held = np.flatnonzero(self.placement == self.comm.rank).astype(np.int32)
-            given = validation.array("gate", gate, 3).shape[0]
+            given = (gate if validation.quantized(gate) else validation.array("gate", gate, 3)
+                     ).shape[0]
             if given != held.size:
                 raise ValueError(
                     f"gate holds {given} experts but the placement gives rank "
@@ -237,7 +238,8 @@ class ExpertParallelMoE(MoELayer):
                 raise TypeError(f"{name} must be a host array (NumPy, memory-mapped too) for "
                                 "from_numpy, which copies each rank's experts to its device; "
                                 "got a dpnp array")
-            validation.array(name, a, 3 if name in ("gate", "up", "down") else 2)
+            if not validation.quantized(a):
+                validation.array(name, a, 3 if name in ("gate", "up", "down") else 2)
             if a.shape[0] != num_experts:
                 raise ValueError(f"{name} must have one entry per expert of the router "
                                  f"({num_experts}), got {a.shape[0]}")
@@ -375,8 +377,7 @@ class ExpertParallelMoE(MoELayer):
         With ``path="auto"`` the path is the one a call of as many tokens of top_k slots
         would take (the tuned configs are per token of top_k slots)."""
         num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
-        x_kind = self.kind if hidden_dtype is None else validation.dtype_name("hidden_dtype",
-                                                                              hidden_dtype)
+        x_kind = self.tokens_kind(hidden_dtype)
         path = validation.execution_path(path)
         if self.queue is None:
             return None

@@ -18,11 +18,12 @@ import numpy as np
 from . import _fork, memory, reference, validation
 from ._engine import forward
 from ._engine.convert import narrow, widen
-from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights
+from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, expert_weights
 from ._engine.gemm import dense_matmul
 from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
-from .arrays import HOST_DTYPE, empty, from_device, to_device, to_host
+from ._engine.quantized import QUANT_FORMATS
+from .arrays import HOST_DTYPE, empty, float_kind, from_device, to_device, to_host
 from .device import default_queue, dpnp, fallback, is_device_array, returns_numpy
 from .routing import RoutingSpec, route, routing_spec
 
@@ -118,6 +119,7 @@ class MoELayer:
                held_experts=None) -> None:
         validation.float_array("router", router, 2)
         self.kind = validation.experts(gate, up, down)
+        quantized = validation.quantized(gate)
         num_held, hidden, inter = gate.shape
         num_experts = num_held if held_experts is None else router.shape[1]
         validation.shape("router", router, (hidden, num_experts), "[H, E]")
@@ -135,10 +137,14 @@ class MoELayer:
         if any(v is not None for v in shared.values()) or shared_expert_gate is not None:
             if any(v is None for v in shared.values()):
                 raise ValueError("shared_gate_proj, shared_up_proj and shared_down_proj go together")
+            # with quantized experts the shared expert stays in float, of one dtype
+            shared_kind = (validation.float_array("shared_gate_proj", shared_gate_proj, 2)
+                           if quantized else self.kind)
             for name, a in (("shared_gate_proj", shared_gate_proj), ("shared_up_proj", shared_up_proj),
                             ("shared_down_proj", shared_down_proj)):
-                if validation.float_array(name, a, 2) != self.kind:
-                    raise TypeError(f"{name} must have the experts' dtype ({self.kind}), got {a.dtype}")
+                if validation.float_array(name, a, 2) != shared_kind:
+                    owner = "shared_gate_proj's" if quantized else "the experts'"
+                    raise TypeError(f"{name} must have {owner} dtype ({shared_kind}), got {a.dtype}")
             width = shared_gate_proj.shape[1]
             validation.shape("shared_gate_proj", shared_gate_proj, (hidden, width), "[H, Is]")
             validation.shape("shared_up_proj", shared_up_proj, (hidden, width), "[H, Is]")
@@ -160,7 +166,8 @@ class MoELayer:
         memory.check_fits(queue, "MoELayer", {
             "weights copied to the device": on_device if queue is not None else 0,
             "host copies of dpnp weights": from_device_copies})
-        self._host = {k: None if v is None else to_host(v) for k, v in given.items()}
+        self._host = {k: v if v is None or validation.quantized(v) else to_host(v)
+                      for k, v in given.items()}
         # global id -> held id, -1 elsewhere (None: the layer holds every expert)
         self._expert_map = None
         if not np.array_equal(self.held_experts, np.arange(num_experts)):
@@ -177,14 +184,15 @@ class MoELayer:
 
         self._router, self._router_bias = f32(h["router"]), f32(h["router_bias"])
         self._correction_bias = f32(h["correction_bias"])
-        self._experts = ExpertWeights(gate, up, down, self.kind, queue, persistent=True)
+        self._experts = expert_weights(gate, up, down, self.kind, queue, persistent=True)
         self._options = ExpertOptions.on_device(
             queue, activation, alpha, limit, gate_bias=f32(h["gate_bias"]),
             up_bias=f32(h["up_bias"]), down_bias=f32(h["down_bias"]))
         self._shared = None
         if h["shared_gate"] is not None:
             as_stack = [h["shared_gate"][None], h["shared_up"][None], h["shared_down"][None]]
-            self._shared = ExpertWeights(*as_stack, self.kind, queue, persistent=True)
+            self._shared = ExpertWeights(*as_stack, float_kind("shared_gate_proj", as_stack[0]),
+                                         queue, persistent=True)
         self._shared_gate = f32(h["shared_expert_gate"])
         self._device_map = None if self._expert_map is None else to_device(self._expert_map, queue)
 
@@ -219,7 +227,8 @@ class MoELayer:
             view.flags.writeable = False
             return view
 
-        given = {names.get(k, k): read_only(v) for k, v in h.items() if v is not None}
+        given = {names.get(k, k): v if validation.quantized(v) else read_only(v)
+                 for k, v in h.items() if v is not None}
         return dict(given, top_k=r.top_k, renormalize=r.renormalize, scoring=r.scoring,
                     num_expert_group=r.num_expert_group, topk_group=r.topk_group,
                     routed_scaling_factor=r.routed_scaling_factor, activation=self.activation,
@@ -228,17 +237,23 @@ class MoELayer:
 
     def plan(self, num_tokens: int, hidden_dtype: Any = None, path: str = "auto"
              ) -> ExecutionPlan | None:
-        """How a call on ``num_tokens`` tokens of ``hidden_dtype`` (default: the weights')
-        runs: path, GEMM backend, layout, chunks (``print(layer.plan(T))``); None when the
-        layer has no device."""
+        """How a call on ``num_tokens`` tokens of ``hidden_dtype`` (default: the weights',
+        bfloat16 for quantized weights) runs: path, GEMM backend, layout, chunks
+        (``print(layer.plan(T))``); None when the layer has no device."""
         num_tokens = validation.positive_int("num_tokens", num_tokens, 0)
-        x_kind = self.kind if hidden_dtype is None else validation.dtype_name("hidden_dtype",
-                                                                              hidden_dtype)
+        x_kind = self.tokens_kind(hidden_dtype)
         path = validation.execution_path(path)
         if self.queue is None:
             return None
         return choose(self.queue, num_tokens, self._experts.shape, self.top_k, x_kind,
                       self.kind, path)
+
+    def tokens_kind(self, hidden_dtype: Any = None) -> str:
+        """The storage kind of tokens of ``hidden_dtype``; None: the weights' (bfloat16 for
+        quantized weights, whose tokens are float)."""
+        if hidden_dtype is not None:
+            return validation.dtype_name("hidden_dtype", hidden_dtype)
+        return "bfloat16" if self.kind in QUANT_FORMATS else self.kind
 
     def reference(self, hidden_states: np.ndarray) -> np.ndarray:
         """The same block computed by :mod:`dpmoe.reference` (the oracle of the tests)."""
@@ -324,7 +339,7 @@ class MoELayer:
             outputs=tokens * 4 * (3 if shared and self._shared is not None else 1),
             derived_weights=self._experts.derived_bytes(plan.gemm))
         if shared and self._shared is not None:
-            shared_plan = choose(self.queue, num_tokens, self._shared.shape, 1, kind, self.kind,
+            shared_plan = choose(self.queue, num_tokens, self._shared.shape, 1, kind, self._shared.kind,
                                  plan.path)
             parts["shared_expert_intermediates"] = shared_plan.chunk_bytes
             parts["shared_derived_weights"] = self._shared.derived_bytes(shared_plan.gemm)

@@ -32,7 +32,7 @@ container is finite float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -79,7 +79,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _expected_shapes(format: str, shape: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _expected_shapes(format: str,
+                     shape: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(data shape, scales shape) of a container of ``format`` standing for [E, K, N]."""
     e, k, n = shape
     if format == "int8":
@@ -94,9 +95,10 @@ _SHAPE_MEANING = {
     "fp8_block": ("[E, K, N]", "[E, ceil(K/128), ceil(N/128)]"),
     "mxfp4": ("[E, K//2, N]", "[E, K//32, N]"),
 }
-_DATA_DTYPE = {"int8": np.dtype(np.int8), "fp8_block": np.dtype(np.uint8), "mxfp4": np.dtype(np.uint8)}
+_DATA_DTYPE = {"int8": np.dtype(np.int8), "fp8_block": np.dtype(np.uint8),
+               "mxfp4": np.dtype(np.uint8)}
 _SCALES_DTYPE = {"int8": np.dtype(np.float32), "fp8_block": np.dtype(np.float32),
-                "mxfp4": np.dtype(np.uint8)}
+                 "mxfp4": np.dtype(np.uint8)}
 
 
 def _format(value: Any) -> str:
@@ -107,8 +109,8 @@ def _format(value: Any) -> str:
 
 def _host_array(name: str, a: Any, ndims: tuple[int, ...]) -> np.ndarray:
     """A NumPy array of one of the ranks ``ndims`` (torch tensors get told how to convert)."""
-    validation.array(name, a)
     if not isinstance(a, np.ndarray):
+        validation.array(name, a)  # a torch tensor is told how to convert
         raise TypeError(f"{name} must be a NumPy array (quantized weights are built on the "
                         f"host), got {type(a).__module__}.{type(a).__name__}")
     if a.ndim not in ndims:
@@ -142,7 +144,8 @@ def _check_values(format: str, data: np.ndarray, scales: np.ndarray, data_name: 
         highest = E8M0_BIAS + MXFP4_MAX_EXPONENT
         if (scales > highest).any():
             at = _first(scales > highest)
-            what = "NaN in e8m0" if scales[at] == E8M0_NAN else "6 times its scale overflows float32"
+            what = ("NaN in e8m0" if scales[at] == E8M0_NAN
+                    else "6 times its scale overflows float32")
             raise ValueError(f"{scales_name} must hold e8m0 exponents in [0, {highest}], found "
                              f"{int(scales[at])} ({what}) at {at}")
         return
@@ -178,6 +181,9 @@ class QuantizedExperts:
     data: np.ndarray     # the quantized codes, see the table
     scales: np.ndarray   # float32 multipliers (int8, fp8_block) or uint8 e8m0 exponents (mxfp4)
     shape: tuple[int, int, int]  # logical (E, K, N) of the float weights
+    # how dpmoe.validation and dpmoe.reference recognise quantized experts without importing
+    # this module
+    quantized: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         format = _format(self.format)
@@ -212,8 +218,8 @@ class QuantizedExperts:
         return dequantize(self)
 
     def __getitem__(self, experts: Any) -> QuantizedExperts:
-        """The experts ``experts`` selects along E (an int, a slice, or 1-D integer ids, in
-        that order), as a container of the same format: the way to shard experts."""
+        """The experts ``experts`` selects along E (an int, a slice, or 1-D integer ids; their
+        order is kept), as a container of the same format: the way to shard experts."""
         ids = np.atleast_1d(np.arange(self.shape[0])[experts])
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"experts must select at least one expert along E (1-D), got "
@@ -248,12 +254,44 @@ def _block_amax(a: np.ndarray, axis: int, block: int) -> np.ndarray:
     return np.maximum.reduceat(a, np.arange(0, a.shape[axis], block), axis=axis)
 
 
+def _int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scales = np.abs(w).max(axis=1) / np.float32(INT8_MAX)
+    scales[scales == 0] = 1  # a column of zeros (or so tiny that amax / 127 underflows)
+    codes = np.clip(np.rint(w / scales[:, None, :]), -INT8_MAX, INT8_MAX)
+    return codes.astype(np.int8), scales
+
+
+def _fp8_block(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _, k, n = w.shape
+    amax = _block_amax(_block_amax(np.abs(w), 1, FP8_BLOCK), 2, FP8_BLOCK)
+    scales = amax / np.float32(FP8_MAX)
+    scales[scales == 0] = 1
+    per_value = np.repeat(np.repeat(scales, FP8_BLOCK, axis=1), FP8_BLOCK, axis=2)[:, :k, :n]
+    # ml_dtypes turns values beyond 448 into NaN: saturate first
+    scaled = np.clip(w / per_value, -FP8_MAX, FP8_MAX)
+    return scaled.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), scales
+
+
+def _mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    amax = _block_amax(np.abs(w), 1, MX_BLOCK)
+    _, binary_exponent = np.frexp(amax)  # amax = m * 2**binary_exponent, m in [0.5, 1)
+    exponents = np.where(amax > 0, binary_exponent - 1 - FP4_EMAX, 0)
+    exponents = np.clip(exponents, -E8M0_BIAS, E8M0_BIAS)
+    scaled = np.ldexp(w, -np.repeat(exponents, MX_BLOCK, axis=1))  # exact: a power of two
+    codes = np.clip(scaled, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed, (exponents + E8M0_BIAS).astype(np.uint8)
+
+
+_QUANTIZERS = {"int8": _int8, "fp8_block": _fp8_block, "mxfp4": _mxfp4}
+
+
 def quantize(w: np.ndarray, format: str) -> QuantizedExperts:
     """Quantize float weights ``w`` [E, K, N] (or one matrix [K, N], taken as E = 1; float32,
     float16 or ml_dtypes.bfloat16) to ``format``.
 
-    Every scale comes from the absolute maximum of the values it covers, and every value is
-    rounded to the nearest code, ties to even:
+    Every scale comes from the absolute maximum of the values it covers, and every value
+    (``w / scale`` in float32) is rounded to the nearest code, ties to even:
 
     - int8: ``scales[e, n] = amax(w[e, :, n]) / 127``, codes in [-127, 127];
     - fp8_block: ``amax`` of each 128 x 128 tile / 448, codes float8_e4m3fn saturated at ±448;
@@ -274,30 +312,8 @@ def quantize(w: np.ndarray, format: str) -> QuantizedExperts:
         raise ValueError(f"w: mxfp4 needs K (w's reduction dimension, axis -2) to be a "
                          f"multiple of {MX_BLOCK}, got K = {k}")
     validation.finite("w", w)
-    w = w.astype(np.float32)
-    magnitude = np.abs(w)
-    if format == "int8":
-        scales = magnitude.max(axis=1) / np.float32(INT8_MAX)
-        scales[scales == 0] = 1
-        codes = np.clip(np.rint(w / scales[:, None, :]), -INT8_MAX, INT8_MAX)
-        return QuantizedExperts(format, codes.astype(np.int8), scales, (e, k, n))
-    if format == "fp8_block":
-        amax = _block_amax(_block_amax(magnitude, 1, FP8_BLOCK), 2, FP8_BLOCK)
-        scales = amax / np.float32(FP8_MAX)
-        scales[scales == 0] = 1
-        per_value = np.repeat(np.repeat(scales, FP8_BLOCK, axis=1), FP8_BLOCK, axis=2)[:, :k, :n]
-        # ml_dtypes turns values beyond 448 into NaN: saturate first
-        scaled = np.clip(w / per_value, -FP8_MAX, FP8_MAX)
-        codes = scaled.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-        return QuantizedExperts(format, codes, scales, (e, k, n))
-    amax = _block_amax(magnitude, 1, MX_BLOCK)
-    _, binary_exponent = np.frexp(amax)  # amax = m * 2**binary_exponent, m in [0.5, 1)
-    exponents = np.where(amax > 0, binary_exponent - 1 - FP4_EMAX, 0)
-    exponents = np.clip(exponents, -E8M0_BIAS, E8M0_BIAS)
-    scaled = np.ldexp(w, -np.repeat(exponents, MX_BLOCK, axis=1))
-    codes = np.clip(scaled, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return QuantizedExperts(format, packed, (exponents + E8M0_BIAS).astype(np.uint8), (e, k, n))
+    data, scales = _QUANTIZERS[format](w.astype(np.float32))
+    return QuantizedExperts(format, data, scales, (e, k, n))
 
 
 def _stacked(a: np.ndarray, matrix_ndim: int) -> np.ndarray:
@@ -316,15 +332,18 @@ def from_fp8_checkpoint(weight: np.ndarray, weight_scale_inv: np.ndarray) -> Qua
     _host_array("weight", weight, (2, 3))
     if weight.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
         weight = weight.view(np.uint8)
-    _dtype("weight", weight, np.dtype(np.uint8),
-           "float8_e4m3fn, as ml_dtypes.float8_e4m3fn or its uint8 bits")
+    if weight.dtype != np.uint8:
+        raise TypeError(f"weight must hold float8_e4m3fn values (an ml_dtypes.float8_e4m3fn "
+                        f"array, or its bits as uint8), got {weight.dtype}")
     _host_array("weight_scale_inv", weight_scale_inv, (weight.ndim,))
     _dtype("weight_scale_inv", weight_scale_inv, np.dtype(np.float32), "one multiplier per tile")
+    *experts, out, inp = weight.shape
+    validation.shape("weight_scale_inv", weight_scale_inv,
+                     (*experts, _cdiv(out, FP8_BLOCK), _cdiv(inp, FP8_BLOCK)),
+                     "[E, ceil(out/128), ceil(in/128)] (without E for one matrix)")
+    _check_values("fp8_block", weight, weight_scale_inv, "weight", "weight_scale_inv")
     weight, scales = _stacked(weight, 2), _stacked(weight_scale_inv, 2)
-    e, out, inp = weight.shape
-    validation.shape("weight_scale_inv", scales, (e, _cdiv(out, FP8_BLOCK), _cdiv(inp, FP8_BLOCK)),
-                     "[E, ceil(out/128), ceil(in/128)]")
-    _check_values("fp8_block", weight, scales, "weight", "weight_scale_inv")
+    e = weight.shape[0]
     return QuantizedExperts("fp8_block", weight.transpose(0, 2, 1), scales.transpose(0, 2, 1),
                             (e, inp, out))
 
@@ -345,10 +364,10 @@ def from_mxfp4_checkpoint(blocks: np.ndarray, scales: np.ndarray) -> QuantizedEx
                          f"e2m1 values per block), got shape {blocks.shape}")
     _host_array("scales", scales, (blocks.ndim - 1,))
     _dtype("scales", scales, np.dtype(np.uint8), "e8m0 exponents")
+    validation.shape("scales", scales, blocks.shape[:-1], "[E, N, K/32] like blocks")
+    _check_values("mxfp4", blocks, scales, "blocks", "scales")
     blocks, scales = _stacked(blocks, 3), _stacked(scales, 2)
     e, n, groups, _ = blocks.shape
-    validation.shape("scales", scales, (e, n, groups), "[E, N, K/32] like blocks")
-    _check_values("mxfp4", blocks, scales, "blocks", "scales")
     data = blocks.reshape(e, n, groups * MX_BLOCK // 2).transpose(0, 2, 1)
     return QuantizedExperts("mxfp4", data, scales.transpose(0, 2, 1), (e, groups * MX_BLOCK, n))
 
@@ -368,9 +387,9 @@ def from_int8_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> Quanti
     if weight_scale.shape not in (rows, rows + (1,)):
         raise ValueError(f"weight_scale must have shape [E, out] or [E, out, 1] (without E for "
                          f"one matrix) = {rows} or {rows + (1,)}, got {weight_scale.shape}")
+    _check_values("int8", weight, weight_scale, "weight", "weight_scale")
     weight, scales = _stacked(weight, 2), _stacked(weight_scale.reshape(rows), 1)
     e, out, inp = weight.shape
-    _check_values("int8", weight, scales, "weight", "weight_scale")
     return QuantizedExperts("int8", weight.transpose(0, 2, 1), scales, (e, inp, out))
 
 

@@ -170,8 +170,17 @@ def fused_experts(
     The weights are converted to dpmoe's layout (:func:`dpmoe.layouts.from_w13`) on every
     call, a copy of all expert weights; a model that reuses them should convert once (or
     build an :class:`dpmoe.MoELayer`) and call :func:`fused_moe_forward`.
+
+    Quantized ``w13``/``w2`` are :class:`dpmoe.quant.QuantizedExperts`, which always hold
+    dpmoe's [E, K, N] layout (their checkpoint constructors transpose): ``w13`` (E, H, 2I),
+    ``w2`` (E, I, H); ``w13`` is split into gate and up by columns.
     """
     from .layouts import from_w13
+
+    if validation.quantized(w13) or validation.quantized(w2):
+        return _fused_quantized_experts(hidden_states, w13, w2, topk_weights, topk_ids,
+                                        activation, b13, b2, routed_scaling_factor,
+                                        expert_map, inplace, path, device)
 
     kind = validation.float_array("w13", w13, 3)
     if validation.float_array("w2", w2, 3) != kind:
@@ -196,6 +205,35 @@ def fused_experts(
     validation.array("topk_ids", topk_ids, 2)
     return fused_moe_forward(
         hidden_states, gate, up, down, topk_weights, topk_ids, topk_ids.shape[1], False, inplace,
+        activation=activation, gate_bias=gate_bias, up_bias=up_bias, down_bias=b2,
+        routed_scaling_factor=routed_scaling_factor, expert_map=expert_map, path=path,
+        device=device)
+
+
+def _fused_quantized_experts(hidden_states: Any, w13: Any, w2: Any, topk_weights: Any,
+                             topk_ids: Any, activation: str, b13: Any, b2: Any,
+                             routed_scaling_factor: float, expert_map: Any, inplace: bool,
+                             path: str | None, device: Any) -> Any:
+    """:func:`fused_experts` with quantized ``w13`` (E, H, 2I) and ``w2`` (E, I, H)."""
+    from . import quant
+
+    if not (validation.quantized(w13) and validation.quantized(w2)):
+        raise TypeError("w13 and w2 must both be quantized (dpmoe.quant.QuantizedExperts) or "
+                        "both float arrays")
+    num_experts, hidden, width = w13.shape
+    if width % 2:
+        raise ValueError(f"w13 must have an even N = 2I, got shape {w13.shape}")
+    split = quant.split_interleaved if activation == "swigluoai" else quant.split_halves
+    gate, up = split(w13)
+    gate_bias = up_bias = None
+    if b13 is not None:
+        validation.array("b13", b13, 2)
+        validation.shape("b13", b13, (num_experts, width), "[E, 2I]")
+        gate_bias, up_bias = ((b13[:, ::2], b13[:, 1::2]) if activation == "swigluoai"
+                              else (b13[:, :width // 2], b13[:, width // 2:]))
+    validation.array("topk_ids", topk_ids, 2)
+    return fused_moe_forward(
+        hidden_states, gate, up, w2, topk_weights, topk_ids, topk_ids.shape[1], False, inplace,
         activation=activation, gate_bias=gate_bias, up_bias=up_bias, down_bias=b2,
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map, path=path,
         device=device)

@@ -17,6 +17,14 @@ never imports torch or transformers.
 Weights layouts in transformers 5: ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
 ``experts.down_proj`` [E, H, I], applied as ``x @ W^T``; GPT-OSS keeps
 ``gate_up_proj`` [E, H, 2I] (interleaved) and ``down_proj`` [E, I, H], applied as ``x @ W``.
+
+Quantized checkpoints are taken as they are stored (:mod:`dpmoe.quant`, never
+dequantised): GPT-OSS's MXFP4 ``experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] with
+``experts.gate_up_proj_scales`` [E, 2I, H/32] and ``experts.down_proj_blocks`` /
+``_scales`` (instead of ``gate_up_proj`` / ``down_proj``; the biases stay float), and
+DeepSeek-V3's FP8 experts per expert, ``experts.{e}.gate_proj.weight`` [I, H]
+float8_e4m3fn (or its uint8 bits) with ``experts.{e}.gate_proj.weight_scale_inv``
+[ceil(I/128), ceil(H/128)], likewise ``up_proj`` and ``down_proj``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import quant
 from .layer import MoELayer
 from .layouts import from_gate_up_proj, from_w13
 
@@ -43,6 +52,17 @@ def _need(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     return np.asarray(state[name])
 
 
+def _fp8_experts(state: Mapping[str, np.ndarray], name: str) -> quant.QuantizedExperts:
+    """The FP8 experts ``experts.{e}.{name}.weight`` [out, in] with their
+    ``weight_scale_inv``, stacked (bytes only) into dpmoe's [E, in, out] layout."""
+    count = 0
+    while f"experts.{count}.{name}.weight" in state:
+        count += 1
+    weights = np.stack([_need(state, f"experts.{e}.{name}.weight") for e in range(count)])
+    scales = np.stack([_need(state, f"experts.{e}.{name}.weight_scale_inv") for e in range(count)])
+    return quant.from_fp8_checkpoint(weights, scales)
+
+
 def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: Any,
                     device: Any = None) -> MoELayer:
     """An :class:`MoELayer` equal to a transformers MoE block of ``family`` (see above)."""
@@ -50,8 +70,15 @@ def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: A
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     top_k = int(_get(config, "num_experts_per_tok"))
     if family == "gpt_oss":
-        gate, up, down = from_gate_up_proj(_need(state_dict, "experts.gate_up_proj"),
-                                           _need(state_dict, "experts.down_proj"))
+        if "experts.gate_up_proj_blocks" in state_dict:  # MXFP4, as the checkpoint stores it
+            gate, up = quant.split_interleaved(quant.from_mxfp4_checkpoint(
+                _need(state_dict, "experts.gate_up_proj_blocks"),
+                _need(state_dict, "experts.gate_up_proj_scales")))
+            down = quant.from_mxfp4_checkpoint(_need(state_dict, "experts.down_proj_blocks"),
+                                               _need(state_dict, "experts.down_proj_scales"))
+        else:
+            gate, up, down = from_gate_up_proj(_need(state_dict, "experts.gate_up_proj"),
+                                               _need(state_dict, "experts.down_proj"))
         biases = _need(state_dict, "experts.gate_up_proj_bias")
         return MoELayer.from_numpy(
             _need(state_dict, "router.weight").T, gate, up, down, top_k, device=device,
@@ -60,8 +87,12 @@ def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: A
             limit=float(_get(config, "swiglu_limit", 7.0)), gate_bias=biases[:, ::2],
             up_bias=biases[:, 1::2], down_bias=_need(state_dict, "experts.down_proj_bias"))
 
-    gate, up, down = from_w13(_need(state_dict, "experts.gate_up_proj"),
-                              _need(state_dict, "experts.down_proj"))
+    if "experts.0.gate_proj.weight_scale_inv" in state_dict:  # FP8 experts, one by one
+        gate, up, down = (_fp8_experts(state_dict, name)
+                          for name in ("gate_proj", "up_proj", "down_proj"))
+    else:
+        gate, up, down = from_w13(_need(state_dict, "experts.gate_up_proj"),
+                                  _need(state_dict, "experts.down_proj"))
     router = _need(state_dict, "gate.weight").T
     renormalize = True if family == "mixtral" else bool(_get(config, "norm_topk_prob", False))
     options: dict[str, Any] = {}

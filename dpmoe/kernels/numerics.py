@@ -23,8 +23,6 @@ def _bits_as_f32(typingctx, bits):
     return sig, codegen
 
 
-# public names for kernels that build floats from bits (the quantized formats' decoders)
-bits_as_f32 = _bits_as_f32
 
 
 @intrinsic
@@ -56,6 +54,11 @@ def _f32_to_half_bits(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
+
+
+# public names for kernels that build floats from bits (the quantized formats' decoders)
+bits_as_f32 = _bits_as_f32
+f32_as_bits = _f32_as_bits
 
 
 @dpex.device_func

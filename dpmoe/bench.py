@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import info, reference
+from . import info, quant, reference
 from .configs import MODEL_CONFIGS, describe
 from .arrays import HOST_DTYPE, to_device
 from .tuning import PATHS, DefaultConfigWarning, user_config_dir
@@ -66,6 +66,13 @@ ROUTINGS = 8
 # (unless the layer's plan picks it).
 TUNE_PER_TOKEN_MAX_TOKENS = 256
 READ_PROBE_BYTES = 512 << 20
+# weight formats besides the float kinds: experts quantized from float32 draws, bf16 tokens
+DTYPES = (*HOST_DTYPE, *quant.FORMATS)
+
+
+def tokens_dtype(dtype: str) -> str:
+    """The tokens' dtype for weights of ``dtype`` (bfloat16 for quantized weights)."""
+    return "bfloat16" if dtype in quant.FORMATS else dtype
 GEMM_PROBE = (8, 1024, 2048, 1024)  # batch, M, K, N
 
 
@@ -248,9 +255,10 @@ class Limits:
 
     def gemm_GFLOPs(self, dtype: str) -> float:
         """The fastest dense GEMM measured in ``dtype`` (float32 for float16: dpmoe computes
-        16-bit float weights in float32 unless oneMKL's host bf16 GEMM takes them)."""
+        16-bit float weights in float32 unless oneMKL's host bf16 GEMM takes them; quantized
+        weights are dequantised for the GEMM of their bf16 tokens)."""
         bf16 = [v for k, v in self.best.items() if k.startswith("gemm_bf16_")]
-        if dtype == "bfloat16" and bf16:
+        if tokens_dtype(dtype) == "bfloat16" and bf16:
             return max(bf16)
         return max(v for k, v in self.best.items()
                    if k.startswith("gemm_") and not k.startswith("gemm_bf16_"))
@@ -287,9 +295,13 @@ def roofline(seconds: float, weight_bytes: float, flops: float, read_GBps: float
 
 
 def make_weights(config: str, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """gate/up [E, H, I], down [E, I, H] and router [H, E] (float32) on the host."""
+    """gate/up [E, H, I], down [E, I, H] and router [H, E] (float32) on the host; for a
+    :mod:`dpmoe.quant` format, the float32 draws quantized."""
     hidden, inter, experts, _ = MODEL_CONFIGS[config]
     rng = np.random.default_rng(seed)
+    if dtype in quant.FORMATS:
+        w = make_weights(config, "float32", seed)
+        return dict(w, **{k: quant.quantize(w[k], dtype) for k in ("gate", "up", "down")})
     host = HOST_DTYPE[dtype]
 
     def normal(shape: tuple[int, ...], scale: float) -> np.ndarray:
@@ -307,7 +319,8 @@ def make_inputs(config: str, dtype: str, num_tokens: int, seed: int = 0) -> dict
     rng = np.random.default_rng([seed, num_tokens])
     routings = [reference.topk_softmax(rng.standard_normal((num_tokens, experts), dtype=np.float32),
                                        top_k, renormalize=True) for _ in range(ROUTINGS)]
-    x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(HOST_DTYPE[dtype])
+    x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(
+        HOST_DTYPE[tokens_dtype(dtype)])
     return {"x": x, "routings": routings, "weights": routings[0][0], "ids": routings[0][1],
             "top_k": top_k}
 
@@ -434,14 +447,16 @@ def bench_moe(work: Workload, num_tokens: int, repeats: int, torch: Any = None) 
             work.experts_call(x, routings, path), repeats))
     row["dpmoe_path"] = min(medians, key=medians.get)
     copy_stats(row, "dpmoe_ms", f"{row['dpmoe_path']}_ms")
-    if num_tokens <= REFERENCE_MAX_TOKENS:
+    quantized = dtype in quant.FORMATS  # no float baselines: dpmoe's bf16 rows are the baseline
+    if num_tokens <= REFERENCE_MAX_TOKENS and not quantized:
         w = work.weights
         record(row, "reference_ms", sample_times(Rotating(
             lambda tw, ti: reference.fused_moe_forward(p["x"], w["gate"], w["up"], w["down"],
                                                        tw, ti, top_k, False),
             p["routings"]), min(repeats, REFERENCE_MAX_REPEATS), warmup=0))
-    record(row, "naive_dpnp_ms", time_naive_dpnp(work, p, repeats))
-    if torch is not None:
+    if not quantized:
+        record(row, "naive_dpnp_ms", time_naive_dpnp(work, p, repeats))
+    if torch is not None and not quantized:
         tw = work.torch_weights(torch)
         tx = torch.from_numpy(p["x"].astype(np.float32)).to(getattr(torch, dtype))
         sets = [(torch.from_numpy(w), torch.from_numpy(i.astype(np.int64)))
@@ -455,7 +470,12 @@ def bench_moe(work: Workload, num_tokens: int, repeats: int, torch: Any = None) 
                                 key=lambda n: row[n.replace("-", "_") + "_ms"])
         copy_stats(row, "torch_ms", row["torch_best"].replace("-", "_") + "_ms")
         row["speedup_vs_torch"] = row["torch_ms"] / row["dpmoe_ms"]
-    itemsize = HOST_DTYPE[dtype].itemsize
+    if quantized:  # codes and scales
+        itemsize = sum(work.weights[k].nbytes for k in ("gate", "up", "down")) / (
+            3 * work.experts * work.hidden * work.inter)
+    else:
+        itemsize = HOST_DTYPE[dtype].itemsize
+    row["bytes_per_weight"] = itemsize
     distinct = float(np.mean([len(np.unique(i)) for _, i in p["routings"]]))
     row["weight_bytes"] = distinct * 3 * work.hidden * work.inter * itemsize
     row["flops"] = 2 * 3 * num_tokens * top_k * work.hidden * work.inter
@@ -502,7 +522,7 @@ def bench_ep(ep: Any, config: str, dtype: str, num_tokens: int, repeats: int) ->
     comm = ep.comm
     rng = np.random.default_rng([comm.rank, num_tokens])
     xs = [to_device(rng.standard_normal((num_tokens, hidden), dtype=np.float32)
-                    .astype(HOST_DTYPE[dtype]), ep.queue) for _ in range(ROUTINGS)]
+                    .astype(HOST_DTYPE[tokens_dtype(dtype)]), ep.queue) for _ in range(ROUTINGS)]
     calls = iter(range(1 << 30))
 
     def step() -> None:
@@ -618,6 +638,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
     row: dict[str, Any] = {"test": test, "config": config, "dtype": dtype, "tokens": num_tokens}
     if test == "silu":
         h = rng.standard_normal((num_tokens * top_k, 2 * inter), dtype=np.float32)
+        dtype = tokens_dtype(dtype)
         h = h.astype(HOST_DTYPE[dtype])
         d = to_device(h, queue)
         record(row, "dpmoe_ms", sample_times(lambda: (silu_and_mul(d), queue.wait()), repeats))
@@ -656,7 +677,8 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
 
 TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "replies", "plan", "dpmoe_ms", "dpmoe_path",
                  "grouped_ms", "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms",
-                 "reference_ms", "GFLOPs", "GBps", "roofline_pct", "speedup_vs_torch", "ep_ms",
+                 "reference_ms", "GFLOPs", "bytes_per_weight", "GBps", "roofline_pct",
+                 "speedup_vs_torch", "speedup_vs_bf16", "ep_ms",
                  "tokens_per_s", "alltoall_pct", "experts_pct", "route_combine_pct",
                  "bytes_per_token")
 # the moe table reports the faster path as dpmoe_ms (the JSON and the plot keep each path)
@@ -806,8 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", nargs="+", type=_positive_int, default=[1, 16, 128, 1024],
                         metavar="T", help="tokens per call (T), one point per count")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
-                        choices=list(HOST_DTYPE), metavar="DTYPE",
-                        help="weight and activation dtypes, any of: " + ", ".join(HOST_DTYPE))
+                        choices=list(DTYPES), metavar="DTYPE",
+                        help="weight and activation dtypes, any of: " + ", ".join(DTYPES)
+                             + " (quantized formats with bfloat16 tokens; add bfloat16 for "
+                             "their speedup over it)")
     parser.add_argument("--repeats", type=_positive_int, default=5,
                         help=f"timed calls per measurement, after {WARMUP} warm-up calls; "
                              "times are their median and spread (min-max in the table, all "
@@ -893,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.test == "moe":
         from .device import default_queue
 
-        limits = Limits(default_queue()[0], args.dtype, torch)
+        limits = Limits(default_queue()[0], [tokens_dtype(d) for d in args.dtype], torch)
         limits.probe()
     rows: list[dict] = []
     work: Workload | None = None
@@ -912,6 +936,11 @@ def main(argv: list[str] | None = None) -> int:
     if limits is not None:
         for row in rows:
             limits.apply(row)
+    bf16_ms = {(r["config"], r["tokens"]): r["dpmoe_ms"] for r in rows
+               if r.get("dtype") == "bfloat16" and "dpmoe_ms" in r}
+    for row in rows:  # quantized against dpmoe's own bf16, measured in the same run
+        if row.get("dtype") in quant.FORMATS and (row["config"], row["tokens"]) in bf16_ms:
+            row["speedup_vs_bf16"] = bf16_ms[row["config"], row["tokens"]] / row["dpmoe_ms"]
         print(f"limits (best of {limits.rounds} probe rounds, interleaved with the points): "
               f"read {limits.read_GBps:.1f} GB/s; GEMM "
               + ", ".join(f"{d} {limits.gemm_GFLOPs(d):.1f}" for d in args.dtype) + " GFLOP/s")

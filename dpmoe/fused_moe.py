@@ -18,6 +18,7 @@ from ._engine import forward
 from ._engine.experts import ExpertOptions, expert_weights, widened_bytes
 from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
+from ._engine.quantized import QUANT_FORMATS
 from .arrays import to_device
 from .device import default_queue, is_device_array
 
@@ -244,7 +245,8 @@ def explain(num_tokens: int, hidden_size: int, intermediate_size: int, num_exper
             path: str = "auto", device: Any = None) -> ExecutionPlan | None:
     """How :func:`fused_moe_forward` (and :class:`dpmoe.MoELayer`) would run a call of
     ``num_tokens`` tokens through E experts of [H, I] in ``dtype`` weights (tokens in
-    ``hidden_dtype``, default the same) on ``device``: the path, GEMM backend, row layout,
+    ``hidden_dtype``, default the same; ``dtype`` may be a :mod:`dpmoe.quant` format, whose
+    tokens default to bfloat16) on ``device``: the path, GEMM backend, row layout,
     chunks and where the choice came from. ``print(dpmoe.explain(...))`` says it in a line.
     None when there is no SYCL device (the NumPy reference would run). ``path="auto"``
     describes :class:`dpmoe.MoELayer` and ``fused_moe_forward(..., path="auto")``; without
@@ -255,8 +257,10 @@ def explain(num_tokens: int, hidden_size: int, intermediate_size: int, num_exper
         ("num_experts", num_experts), ("hidden_size", hidden_size),
         ("intermediate_size", intermediate_size)))
     top_k = validation.positive_int("top_k", top_k, 1, shape[0])
-    w_kind = validation.dtype_name("dtype", dtype)
-    x_kind = w_kind if hidden_dtype is None else validation.dtype_name("hidden_dtype", hidden_dtype)
+    quantized = isinstance(dtype, str) and dtype in QUANT_FORMATS
+    w_kind = dtype if quantized else validation.dtype_name("dtype", dtype)
+    x_kind = (("bfloat16" if quantized else w_kind) if hidden_dtype is None
+              else validation.dtype_name("hidden_dtype", hidden_dtype))
     path = validation.execution_path(path)
     queue, _ = default_queue(device)
     if queue is None:

@@ -99,6 +99,21 @@ def case_replies_in_token_dtype():
     assert received == received_slots * (row + 4) + sent_slots * row, (received, row)
 
 
+def case_quantized_experts():
+    """Quantized experts (mxfp4 codes and scales) are sharded like float ones."""
+    from dpmoe import quant
+
+    base = layer_for(BF16, experts=5, hidden=64, inter=64)
+    a = base.arguments()
+    q = {k: quant.quantize(a[k].astype(np.float32), "mxfp4") for k in ("gate", "up", "down")}
+    layer = dpmoe.MoELayer.from_numpy(**dict(a, **q))
+    ep = ExpertParallelMoE.from_layer(layer)
+    x = tokens(13, 64, BF16, seed=4)
+    lo, hi = split(len(x), 8)
+    got = gathered(ep(x[lo:hi], path="per_token"))
+    compare(got, layer(x, path="per_token") if RANK == 0 else None, True, BF16)
+
+
 def case_given_routing_one_rank():
     """experts() with every slot on the last rank's experts; the other experts get none."""
     layer = layer_for("float32", shared=False, experts=9)
@@ -288,6 +303,7 @@ CASES = {
     "forward_bf16_grouped": lambda: case_forward(BF16, "grouped"),
     "given_routing_one_rank": case_given_routing_one_rank,
     "replies_in_token_dtype": case_replies_in_token_dtype,
+    "quantized_experts": case_quantized_experts,
     "placement_and_dpnp": case_placement_and_dpnp,
     "reference": case_reference,
     "refusals": case_refusals,

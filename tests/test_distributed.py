@@ -19,7 +19,7 @@ from dpmoe.configs import MODEL_CONFIGS  # noqa: E402
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 CASES = ["forward_f32_per_token", "forward_bf16_per_token", "forward_f32_grouped",
-         "forward_bf16_grouped", "given_routing_one_rank", "replies_in_token_dtype",
+         "forward_bf16_grouped", "given_routing_one_rank", "replies_in_token_dtype", "quantized_experts",
          "placement_and_dpnp", "reference",
          "refusals", "bad_construction", "construction_refusals", "row_budget"]
 TIMEOUT = 420  # seconds for a whole job: each rank JIT-compiles its kernels on 2 cores

@@ -933,14 +933,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {machine}")
     notes = []
-    if limits is not None:
-        for row in rows:
-            limits.apply(row)
     bf16_ms = {(r["config"], r["tokens"]): r["dpmoe_ms"] for r in rows
                if r.get("dtype") == "bfloat16" and "dpmoe_ms" in r}
     for row in rows:  # quantized against dpmoe's own bf16, measured in the same run
         if row.get("dtype") in quant.FORMATS and (row["config"], row["tokens"]) in bf16_ms:
             row["speedup_vs_bf16"] = bf16_ms[row["config"], row["tokens"]] / row["dpmoe_ms"]
+    if limits is not None:
+        for row in rows:
+            limits.apply(row)
         print(f"limits (best of {limits.rounds} probe rounds, interleaved with the points): "
               f"read {limits.read_GBps:.1f} GB/s; GEMM "
               + ", ".join(f"{d} {limits.gemm_GFLOPs(d):.1f}" for d in args.dtype) + " GFLOP/s")

@@ -224,8 +224,16 @@ def _fused_quantized_experts(hidden_states: Any, w13: Any, w2: Any, topk_weights
     num_experts, hidden, width = w13.shape
     if width % 2:
         raise ValueError(f"w13 must have an even N = 2I, got shape {w13.shape}")
+    if w2.format != w13.format:
+        raise TypeError(f"w2 must have w13's format ({w13.format}), got {w2.format}")
+    if tuple(w2.shape) != (num_experts, width // 2, hidden):
+        raise ValueError(f"w2 must have shape (E, I, H) = {(num_experts, width // 2, hidden)} "
+                         f"for w13 of shape {tuple(w13.shape)}, got {tuple(w2.shape)}")
     split = quant.split_interleaved if activation == "swigluoai" else quant.split_halves
-    gate, up = split(w13)
+    try:
+        gate, up = split(w13)
+    except ValueError as exc:
+        raise ValueError(f"w13: {exc}") from None
     gate_bias = up_bias = None
     if b13 is not None:
         validation.array("b13", b13, 2)

@@ -52,13 +52,21 @@ def _need(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     return np.asarray(state[name])
 
 
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """One-byte elements (float8 or uint8) as their uint8 bits; others as they are (and
+    refused by the FP8 constructor)."""
+    return a.view(np.uint8) if a.dtype.itemsize == 1 else a
+
+
 def _fp8_experts(state: Mapping[str, np.ndarray], name: str) -> quant.QuantizedExperts:
     """The FP8 experts ``experts.{e}.{name}.weight`` [out, in] with their
     ``weight_scale_inv``, stacked (bytes only) into dpmoe's [E, in, out] layout."""
     count = 0
     while f"experts.{count}.{name}.weight" in state:
         count += 1
-    weights = np.stack([_need(state, f"experts.{e}.{name}.weight") for e in range(count)])
+    # as bytes: stacking uint8 bits with float8 arrays would convert the bits by value
+    weights = np.stack([_bytes(_need(state, f"experts.{e}.{name}.weight"))
+                        for e in range(count)])
     scales = np.stack([_need(state, f"experts.{e}.{name}.weight_scale_inv") for e in range(count)])
     return quant.from_fp8_checkpoint(weights, scales)
 
@@ -108,7 +116,15 @@ def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: A
     else:
         prefix = None
     if prefix is not None and f"{prefix}.gate_proj.weight" in state_dict:
-        options.update(shared_gate_proj=_need(state_dict, f"{prefix}.gate_proj.weight").T,
-                       shared_up_proj=_need(state_dict, f"{prefix}.up_proj.weight").T,
-                       shared_down_proj=_need(state_dict, f"{prefix}.down_proj.weight").T)
+        def shared(name: str) -> np.ndarray:
+            """[in, out] float; an FP8 shared expert (DeepSeek-V3's checkpoints) dequantised
+            to float32: dpmoe keeps the shared expert in float."""
+            weight = _need(state_dict, f"{prefix}.{name}.weight")
+            if f"{prefix}.{name}.weight_scale_inv" not in state_dict:
+                return weight.T
+            scales = _need(state_dict, f"{prefix}.{name}.weight_scale_inv")
+            return quant.from_fp8_checkpoint(_bytes(weight), scales).dequantize()[0]
+
+        options.update(shared_gate_proj=shared("gate_proj"), shared_up_proj=shared("up_proj"),
+                       shared_down_proj=shared("down_proj"))
     return MoELayer.from_numpy(router, gate, up, down, top_k, renormalize, device, **options)

@@ -35,7 +35,10 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
     queue = x.sycl_queue
     host = plan.gemm.startswith("onemkl-host")
     bf16 = plan.gemm == "onemkl-host-bf16"
-    layout = plan_host_layout(ids, num_experts, top_k) if host else plan_layout(ids, num_experts)
+    # quantized experts are dequantised per expert with rows: no stacked layout (its
+    # padded blocks would make every expert look used)
+    layout = (plan_host_layout(ids, num_experts, top_k) if host
+              else plan_layout(ids, num_experts, stack=not experts.quantized))
     if layout.n_rows == 0:  # every slot's expert lives on another device
         weighted_sum(empty((1,), "float32", queue), "float32", layout.row_of_slot, weights, ids,
                      out, out_kind, top_k, renormalize, scale=options.scale)
@@ -110,19 +113,18 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
     names = ("down",) if which == (2,) else ("gate", "up")
     outs = [intermediate(buffers, name, (layout.n_rows, n_dim), "float32", queue)
             for name in names]
-    segments = layout.segments or [  # a stacked layout: every expert's block of rows
-        (e, e * layout.rows_per_expert, layout.rows_per_expert) for e in range(num_experts)]
+    segments = layout.segments
     starts = a_rows or [first for _, first, _ in segments]
-    group = dequant_group(experts.shape, kind)
+    group = min(dequant_group(experts.shape, kind), len(segments))
+    # one buffer per matrix for the whole call, each group dequantised into its front
+    whole = [intermediate(buffers, f"dequantized_{i}", (group, k_dim, n_dim), kind, queue)
+             for i in range(len(which))]
     for at in range(0, len(segments), group):
         chunk = segments[at:at + group]
         ids = upload(np.array([e for e, _, _ in chunk], np.int32), queue)
-        stacks = []
-        for i, matrix in enumerate(which):
-            buf = intermediate(buffers, f"dequantized_{i}", (len(chunk), k_dim, n_dim), kind,
-                               queue)
-            experts.dequantize_into(matrix, ids, buf, kind)
-            stacks.append(buf)
+        stacks = [buf[:len(chunk)] for buf in whole]
+        for matrix, stack in zip(which, stacks):
+            experts.dequantize_into(matrix, ids, stack, kind)
         local = [(g, first, count) for g, (_, first, count) in enumerate(chunk)]
         if host:
             sub = replace(layout, segments=local)

@@ -147,16 +147,16 @@ def max_grouped_rows(n_slots: int, num_experts: int, host: bool) -> int:
     return max(stacked, n_slots + (DEFAULT_BLOCK_SIZE - 1) * min(num_experts, n_slots))
 
 
-def plan_layout(ids: Any, num_experts: int) -> GroupedLayout:
+def plan_layout(ids: Any, num_experts: int, stack: bool = True) -> GroupedLayout:
     """The portable layout, built by the alignment kernels: stacked when the padding at
-    most doubles the rows, else per expert padded to DEFAULT_BLOCK_SIZE."""
+    most doubles the rows (and ``stack``), else per expert padded to DEFAULT_BLOCK_SIZE."""
     from ..kernels.gather import make_stacked_rows_kernel
 
     aligned = align_on_device(ids, num_experts, DEFAULT_BLOCK_SIZE)
     counts = dpnp.asnumpy(aligned.counts)  # one small copy: layouts are sized on the host
     n_slots = int(counts.sum())
     most = max(int(counts.max()), 1)
-    if num_experts * most <= STACK_PADDING_LIMIT * n_slots:
+    if stack and num_experts * most <= STACK_PADDING_LIMIT * n_slots:
         rows = empty((ids.shape[0],), "int32", ids.sycl_queue)
         if ids.shape[0]:
             make_stacked_rows_kernel()(ids, aligned.ranks, rows, most)

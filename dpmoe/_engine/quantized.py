@@ -90,6 +90,13 @@ class QuantizedExpertWeights:
 
         data, scales, shape, scale_shape = self._parts[which]
         _, n_rows, n_cols = shape
-        make_dequantize_kernel(self.kind, out_kind)(
-            data, scales, experts, flat(out), n_rows, n_cols, scale_shape[1],
+        target = flat(out)
+        words = n_cols % 4 == 0
+        if words:  # codes read as uint32 words, bf16 results written as pairs of them
+            data = view(data, (data.size // 4,), np.uint32, 0)
+            if out_kind == "bfloat16":
+                target = view(target, (target.size // 2,), np.uint32,
+                              target.get_array()._element_offset // 2)
+        make_dequantize_kernel(self.kind, out_kind, words)(
+            data, scales, experts, target, n_rows, n_cols, scale_shape[1],
             scale_shape[2] if len(scale_shape) == 3 else n_cols)

@@ -223,38 +223,97 @@ def make_quant_gemv_kernel(fmt: str, in_kind: str, block: int, cols: int, two_ma
     return launch
 
 
+@dpex.device_func
+def bf16_bits(v):
+    """A finite float32 rounded to nearest even bfloat16, as bits in a uint32 (dequantised
+    weights are finite: no NaN case, and no branch)."""
+    bits = f32_as_bits(v)
+    return (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
 @lru_cache(maxsize=None)
-def make_dequantize_kernel(fmt: str, out_kind: str):
+def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
     """Dequantises whole experts: ``out[g, k, n]`` (storage form of ``out_kind``) = the
-    value of expert ``experts[g]`` at (k, n), for the grouped path's GEMMs. One work-item
-    per (byte column, byte row, expert); ``w`` is the format's bytes as uint8."""
+    value of expert ``experts[g]`` at (k, n), for the grouped path's GEMMs.
+
+    ``words`` (N a multiple of 4): one work-item per uint32 word of codes (four columns;
+    for mxfp4 two rows of them), bf16 results written as pairs in uint32 words (16-bit
+    stores vectorise 4x worse); else one work-item per byte, ``w`` as uint8."""
     store = storer(out_kind)
     mx = fmt == "mxfp4"
     is_int8, is_fp8 = fmt == "int8", fmt == "fp8_block"
+    bf16 = out_kind == "bfloat16"
+
+    @dpex.device_func
+    def value(byte, k, n, e, scales, n_srows, n_scols, n_cols):
+        """The format's value of the code in the low bits of ``byte`` at (k, n) of expert e."""
+        if is_int8:
+            return int8_value(byte) * scales[e * n_cols + n]
+        if is_fp8:
+            return fp8_value(byte) * scales[(e * n_srows + k // FP8_BLOCK) * n_scols
+                                            + n // FP8_BLOCK]
+        return fp4_value(byte) * e8m0_value(
+            np.uint32(scales[(e * n_srows + k // MX_BLOCK) * n_cols + n]))
+
+    @dpex.device_func
+    def put_row(out, at, v0, v1, v2, v3):
+        """Four neighbouring results from element ``at`` (a multiple of 4)."""
+        if bf16:
+            out[at // 2] = bf16_bits(v0) | (bf16_bits(v1) << np.uint32(16))
+            out[at // 2 + 1] = bf16_bits(v2) | (bf16_bits(v3) << np.uint32(16))
+        else:
+            out[at] = v0
+            out[at + 1] = v1
+            out[at + 2] = v2
+            out[at + 3] = v3
 
     @dpex.kernel
-    def dequantize_kernel(item: kapi.Item, w, scales, experts, out, n_rows, n_cols, n_srows,
-                          n_scols):
-        n = item.get_id(0)
+    def dequantize_words_kernel(item: kapi.Item, w, scales, experts, out, n_rows, n_cols,
+                                n_srows, n_scols):
+        u = item.get_id(0)
         row = item.get_id(1)  # a byte row: for mxfp4 two rows of values
+        g = item.get_id(2)
+        e = experts[g]
+        step = 2 if mx else 1
+        word = np.uint32(w[(e * (n_rows // step) + row) * (n_cols // 4) + u])
+        k = row * step
+        n = u * 4
+        b0, b1 = word, word >> np.uint32(8)
+        b2, b3 = word >> np.uint32(16), word >> np.uint32(24)
+        at = (g * n_rows + k) * n_cols + n
+        put_row(out, at, value(b0, k, n, e, scales, n_srows, n_scols, n_cols),
+                value(b1, k, n + 1, e, scales, n_srows, n_scols, n_cols),
+                value(b2, k, n + 2, e, scales, n_srows, n_scols, n_cols),
+                value(b3, k, n + 3, e, scales, n_srows, n_scols, n_cols))
+        if mx:  # the high nibbles: row k + 1
+            s4 = np.uint32(4)
+            put_row(out, at + n_cols,
+                    value(b0 >> s4, k, n, e, scales, n_srows, n_scols, n_cols),
+                    value(b1 >> s4, k, n + 1, e, scales, n_srows, n_scols, n_cols),
+                    value(b2 >> s4, k, n + 2, e, scales, n_srows, n_scols, n_cols),
+                    value(b3 >> s4, k, n + 3, e, scales, n_srows, n_scols, n_cols))
+
+    @dpex.kernel
+    def dequantize_bytes_kernel(item: kapi.Item, w, scales, experts, out, n_rows, n_cols,
+                                n_srows, n_scols):
+        n = item.get_id(0)
+        row = item.get_id(1)
         g = item.get_id(2)
         e = experts[g]
         step = 2 if mx else 1
         byte = np.uint32(w[(e * (n_rows // step) + row) * n_cols + n])
         k = row * step
-        if is_int8:
-            store(out, (g * n_rows + k) * n_cols + n, int8_value(byte) * scales[e * n_cols + n])
-        elif is_fp8:
-            s = scales[(e * n_srows + k // FP8_BLOCK) * n_scols + n // FP8_BLOCK]
-            store(out, (g * n_rows + k) * n_cols + n, fp8_value(byte) * s)
-        else:
-            s = e8m0_value(np.uint32(scales[(e * n_srows + k // MX_BLOCK) * n_cols + n]))
-            store(out, (g * n_rows + k) * n_cols + n, fp4_value(byte) * s)
-            store(out, (g * n_rows + k + 1) * n_cols + n, fp4_value(byte >> np.uint32(4)) * s)
+        store(out, (g * n_rows + k) * n_cols + n,
+              value(byte, k, n, e, scales, n_srows, n_scols, n_cols))
+        if mx:
+            store(out, (g * n_rows + k + 1) * n_cols + n,
+                  value(byte >> np.uint32(4), k, n, e, scales, n_srows, n_scols, n_cols))
 
     def launch(w, scales, experts, out, n_rows, n_cols, n_srows, n_scols):
         byte_rows = n_rows // 2 if mx else n_rows
-        call(dequantize_kernel, dpex.Range(n_cols, byte_rows, experts.shape[0]), w, scales,
-             experts, out, n_rows, n_cols, n_srows, n_scols)
+        kernel, width = (dequantize_words_kernel, n_cols // 4) if words else (
+            dequantize_bytes_kernel, n_cols)
+        call(kernel, dpex.Range(width, byte_rows, experts.shape[0]), w, scales, experts, out,
+             n_rows, n_cols, n_srows, n_scols)
 
     return launch

@@ -91,8 +91,10 @@ class QuantizedExpertWeights:
         data, scales, shape, scale_shape = self._parts[which]
         _, n_rows, n_cols = shape
         target = flat(out)
-        words = n_cols % 4 == 0
-        if words:  # codes read as uint32 words, bf16 results written as pairs of them
+        # codes read as uint32 words, bf16 results written as pairs of them: 2.4x (int8) and
+        # 1.6x (fp8) faster at olmoe's prefill; mxfp4 ran 2x slower so, and keeps bytes
+        words = n_cols % 4 == 0 and self.kind != "mxfp4"
+        if words:
             data = view(data, (data.size // 4,), np.uint32, 0)
             if out_kind == "bfloat16":
                 target = view(target, (target.size // 2,), np.uint32,

@@ -105,7 +105,9 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
                      layout: Any, kind: str, host: bool, buffers: Any) -> list:
     """Rows times matrices ``which`` (0 gate, 1 up, 2 down) of quantized experts: a group
     of experts at a time is dequantised to ``kind`` into one reused buffer per matrix, then
-    multiplied like plain weights; float32 [n_rows, N] per matrix."""
+    multiplied like plain weights; float32 [n_rows, N] per matrix. int8 codes are
+    multiplied unscaled (exact in bf16) and the products' columns scaled afterwards: one
+    multiply per output, and no rounding of the weights."""
     num_experts, hidden, inter = experts.shape
     queue = rows.sycl_queue
     n_dim = hidden if which == (2,) else inter
@@ -116,6 +118,7 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
     segments = layout.segments
     starts = a_rows or [first for _, first, _ in segments]
     group = min(dequant_group(experts.shape, kind), len(segments))
+    int8 = experts.kind == "int8"
     # one buffer per matrix for the whole call, each group dequantised into its front
     whole = [intermediate(buffers, f"dequantized_{i}", (group, k_dim, n_dim), kind, queue)
              for i in range(len(which))]
@@ -124,7 +127,7 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
         ids = upload(np.array([e for e, _, _ in chunk], np.int32), queue)
         stacks = [buf[:len(chunk)] for buf in whole]
         for matrix, stack in zip(which, stacks):
-            experts.dequantize_into(matrix, ids, stack, kind)
+            experts.dequantize_into(matrix, ids, stack, kind, codes_only=int8)
         local = [(g, first, count) for g, (_, first, count) in enumerate(chunk)]
         if host:
             sub = replace(layout, segments=local)
@@ -135,4 +138,11 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
                 for g, first, count in local:
                     dpnp.matmul(rows[first:first + count], stack[g], out=out[first:first + count])
             queue.wait()  # these GEMMs read the buffers the next group refills
+    if int8:
+        from ..kernels.quant import make_scale_columns_kernel
+
+        row_expert = layout.row_expert(queue)
+        for matrix, out in zip(which, outs):
+            make_scale_columns_kernel()(flat(out), row_expert, experts.column_scales(matrix),
+                                        layout.n_rows, n_dim)
     return outs

@@ -83,9 +83,15 @@ class QuantizedExpertWeights:
             self._gemv = tuple(operands)
         return self._gemv
 
-    def dequantize_into(self, which: int, experts: Any, out: Any, out_kind: str) -> None:
+    def column_scales(self, which: int) -> Any:
+        """int8: matrix ``which``'s per-column scales [E * N] on the device."""
+        return self._parts[which][1]
+
+    def dequantize_into(self, which: int, experts: Any, out: Any, out_kind: str,
+                        codes_only: bool = False) -> None:
         """``out`` [len(experts), K, N] (storage form of ``out_kind``) <- matrix ``which``
-        (0 gate, 1 up, 2 down) of the experts whose ids ``experts`` (int32 device) holds."""
+        (0 gate, 1 up, 2 down) of the experts whose ids ``experts`` (int32 device) holds;
+        ``codes_only`` (int8): the codes, unscaled (exact in bf16)."""
         from ..kernels.quant import make_dequantize_kernel
 
         data, scales, shape, scale_shape = self._parts[which]
@@ -99,6 +105,7 @@ class QuantizedExpertWeights:
             if out_kind == "bfloat16":
                 target = view(target, (target.size // 2,), np.uint32,
                               target.get_array()._element_offset // 2)
-        make_dequantize_kernel(self.kind, out_kind, words)(
+        fmt = "int8_codes" if codes_only else self.kind
+        make_dequantize_kernel(fmt, out_kind, words)(
             data, scales, experts, target, n_rows, n_cols, scale_shape[1],
             scale_shape[2] if len(scale_shape) == 3 else n_cols)

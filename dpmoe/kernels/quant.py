@@ -232,6 +232,23 @@ def bf16_bits(v):
 
 
 @lru_cache(maxsize=None)
+def make_scale_columns_kernel():
+    """``out[r, n] *= scales[row_expert[r], n]``: int8 experts' per-column scales applied to
+    a GEMM of their codes (exact in bf16), one multiply per output instead of per weight."""
+
+    @dpex.kernel
+    def scale_columns_kernel(item: kapi.Item, out, row_expert, scales, n_cols):
+        n = item.get_id(0)
+        r = item.get_id(1)
+        out[r * n_cols + n] = out[r * n_cols + n] * scales[row_expert[r] * n_cols + n]
+
+    def launch(out, row_expert, scales, n_rows, n_cols):
+        call(scale_columns_kernel, dpex.Range(n_cols, n_rows), out, row_expert, scales, n_cols)
+
+    return launch
+
+
+@lru_cache(maxsize=None)
 def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
     """Dequantises whole experts: ``out[g, k, n]`` (storage form of ``out_kind``) = the
     value of expert ``experts[g]`` at (k, n), for the grouped path's GEMMs.
@@ -241,13 +258,17 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
     stores vectorise 4x worse); else one work-item per byte, ``w`` as uint8."""
     store = storer(out_kind)
     mx = fmt == "mxfp4"
-    is_int8, is_fp8 = fmt == "int8", fmt == "fp8_block"
+    is_fp8 = fmt == "fp8_block"
+    is_int8 = fmt == "int8" or fmt == "int8_codes"
+    int8_scaled = fmt == "int8"
     bf16 = out_kind == "bfloat16"
 
     @dpex.device_func
     def value(byte, k, n, e, scales, n_srows, n_scols, n_cols):
         """The format's value of the code in the low bits of ``byte`` at (k, n) of expert e."""
         if is_int8:
+            if not int8_scaled:  # codes only: the GEMM's columns are scaled afterwards
+                return int8_value(byte)
             return int8_value(byte) * scales[e * n_cols + n]
         if is_fp8:
             return fp8_value(byte) * scales[(e * n_srows + k // FP8_BLOCK) * n_scols

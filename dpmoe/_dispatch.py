@@ -14,6 +14,7 @@ import numpy as np
 
 from .arrays import from_device, to_host
 from .device import placement, returns_numpy
+from .validation import quantized
 
 
 def call(arrays: dict[str, Any], kinds: set[str], device: Any,
@@ -56,6 +57,6 @@ def write_back(target: Any, result: Any) -> Any:
 def host(a: Any) -> Any:
     """``a`` as a NumPy array for the reference (None stays None; quantized weights, which
     live on the host, as they are)."""
-    if a is None or getattr(a, "quantized", False):
+    if a is None or quantized(a):
         return a
     return to_host(a)

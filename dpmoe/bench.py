@@ -516,6 +516,8 @@ def bench_ep(ep: Any, config: str, dtype: str, num_tokens: int, repeats: int) ->
     elsewhere) has that time, tokens/s of the whole job, the share of the ranks' time per
     stage (all-to-all = counts + dispatch + return, waiting for other ranks included) and
     the bytes each token sends to and receives from other ranks."""
+    from mpi4py import MPI
+
     from .distributed import STAGES
 
     hidden, _, experts, _ = MODEL_CONFIGS[config]
@@ -533,7 +535,7 @@ def bench_ep(ep: Any, config: str, dtype: str, num_tokens: int, repeats: int) ->
     sample_times(step, 0, WARMUP)
     ep.reset_stats()
     mine = sample_times(step, repeats, 0)
-    slowest = [comm.allreduce(t, op=_mpi_max()) for t in mine]
+    slowest = [comm.allreduce(t, op=MPI.MAX) for t in mine]
     stats = comm.gather(ep.stats, root=0)
     if comm.rank != 0:
         return None
@@ -551,12 +553,6 @@ def bench_ep(ep: Any, config: str, dtype: str, num_tokens: int, repeats: int) ->
     row["bytes_per_token"] = total["bytes_sent"] / tokens_done if tokens_done else 0.0
     row["stage_seconds"] = {k: total[k] for k in STAGES}
     return row
-
-
-def _mpi_max() -> Any:
-    from mpi4py import MPI
-
-    return MPI.MAX
 
 
 def run_ep(args: argparse.Namespace) -> int:

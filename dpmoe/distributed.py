@@ -108,13 +108,19 @@ def _agree(comm: Any, error: BaseException | None, *values: int) -> np.ndarray:
     mine = np.array([0 if error else 1, *values], np.int64)
     rows = np.empty((comm.size, mine.size), np.int64)
     comm.Allgather(mine, rows)
+    _stop_together(error, rows[:, 0], "failed")
+    return rows
+
+
+def _stop_together(error: BaseException | None, ok: np.ndarray, what: str) -> None:
+    """Raises this rank's ``error``, or a RuntimeError naming the ranks whose ``ok`` flag
+    (exchanged by a collective) is 0: every rank stops at the same collective."""
     if error is not None:
         raise error
-    failed = np.flatnonzero(rows[:, 0] == 0)
+    failed = np.flatnonzero(ok == 0)
     if failed.size:
-        raise RuntimeError(f"ExpertParallelMoE: rank(s) {failed.tolist()} failed (see their "
+        raise RuntimeError(f"ExpertParallelMoE: rank(s) {failed.tolist()} {what} (see their "
                            "errors); this rank stopped with them")
-    return rows
 
 
 def _ranges(ids: np.ndarray) -> str:
@@ -333,12 +339,7 @@ class ExpertParallelMoE(MoELayer):
             send[:, 2] = np.bincount(dest, minlength=size)
         recv = np.empty_like(send)
         self.comm.Alltoall(send, recv)
-        if error is not None:
-            raise error
-        failed = np.flatnonzero(recv[:, 0] == 0)
-        if failed.size:
-            raise RuntimeError(f"ExpertParallelMoE: rank(s) {failed.tolist()} refused their "
-                               "input (see their errors); this rank stopped with them")
+        _stop_together(error, recv[:, 0], "refused their input")
         if (recv[:, 1] != recv[0, 1]).any():
             kinds = ", ".join(f"rank {r} {_KIND_NAMES[int(c)]}" for r, c in enumerate(recv[:, 1]))
             raise ValueError(f"hidden_states must have one dtype on every rank: {kinds}")

@@ -179,30 +179,29 @@ def fused_experts(
     from .layouts import from_w13
 
     if validation.quantized(w13) or validation.quantized(w2):
-        return _fused_quantized_experts(hidden_states, w13, w2, topk_weights, topk_ids,
-                                        activation, b13, b2, routed_scaling_factor,
-                                        expert_map, inplace, path, device)
-
-    kind = validation.float_array("w13", w13, 3)
-    if validation.float_array("w2", w2, 3) != kind:
-        raise TypeError(f"w2 must have w13's dtype ({w13.dtype}), got {w2.dtype}")
-    validation.float_array("hidden_states", hidden_states, 2)
-    validation.array("topk_ids", topk_ids, 2)
-    validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape),
-                          validation.expert_map(expert_map, w13.shape[0]))
-    validation.routing_weights("topk_weights", topk_weights, tuple(topk_ids.shape))
-    # the conversion copies every weight where it lies (host or device): it must fit first
-    where = w13.sycl_queue if is_device_array(w13) else None
-    memory.check_fits(where, "fused_experts",
-                      {"weights converted to dpmoe's layout": w13.nbytes + w2.nbytes})
-    gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
+        gate, up, down = _split_quantized(w13, w2, activation)
+        num_experts, width = w13.shape[0], w13.shape[2]
+    else:
+        kind = validation.float_array("w13", w13, 3)
+        if validation.float_array("w2", w2, 3) != kind:
+            raise TypeError(f"w2 must have w13's dtype ({w13.dtype}), got {w2.dtype}")
+        validation.float_array("hidden_states", hidden_states, 2)
+        validation.array("topk_ids", topk_ids, 2)
+        validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape),
+                              validation.expert_map(expert_map, w13.shape[0]))
+        validation.routing_weights("topk_weights", topk_weights, tuple(topk_ids.shape))
+        # the conversion copies every weight where it lies (host or device): it must fit first
+        where = w13.sycl_queue if is_device_array(w13) else None
+        memory.check_fits(where, "fused_experts",
+                          {"weights converted to dpmoe's layout": w13.nbytes + w2.nbytes})
+        gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
+        num_experts, width = w13.shape[0], w13.shape[1]
     gate_bias = up_bias = None
     if b13 is not None:
         validation.array("b13", b13, 2)
-        validation.shape("b13", b13, (w13.shape[0], w13.shape[1]), "[E, 2I]")
-        inter = w13.shape[1] // 2
+        validation.shape("b13", b13, (num_experts, width), "[E, 2I]")
         gate_bias, up_bias = ((b13[:, ::2], b13[:, 1::2]) if activation == "swigluoai"
-                              else (b13[:, :inter], b13[:, inter:]))
+                              else (b13[:, :width // 2], b13[:, width // 2:]))
     validation.array("topk_ids", topk_ids, 2)
     return fused_moe_forward(
         hidden_states, gate, up, down, topk_weights, topk_ids, topk_ids.shape[1], False, inplace,
@@ -211,11 +210,8 @@ def fused_experts(
         device=device)
 
 
-def _fused_quantized_experts(hidden_states: Any, w13: Any, w2: Any, topk_weights: Any,
-                             topk_ids: Any, activation: str, b13: Any, b2: Any,
-                             routed_scaling_factor: float, expert_map: Any, inplace: bool,
-                             path: str | None, device: Any) -> Any:
-    """:func:`fused_experts` with quantized ``w13`` (E, H, 2I) and ``w2`` (E, I, H)."""
+def _split_quantized(w13: Any, w2: Any, activation: str) -> tuple[Any, Any, Any]:
+    """Gate, up and down from quantized ``w13`` (E, H, 2I) and ``w2`` (E, I, H), checked."""
     from . import quant
 
     if not (validation.quantized(w13) and validation.quantized(w2)):
@@ -234,18 +230,7 @@ def _fused_quantized_experts(hidden_states: Any, w13: Any, w2: Any, topk_weights
         gate, up = split(w13)
     except ValueError as exc:
         raise ValueError(f"w13: {exc}") from None
-    gate_bias = up_bias = None
-    if b13 is not None:
-        validation.array("b13", b13, 2)
-        validation.shape("b13", b13, (num_experts, width), "[E, 2I]")
-        gate_bias, up_bias = ((b13[:, ::2], b13[:, 1::2]) if activation == "swigluoai"
-                              else (b13[:, :width // 2], b13[:, width // 2:]))
-    validation.array("topk_ids", topk_ids, 2)
-    return fused_moe_forward(
-        hidden_states, gate, up, w2, topk_weights, topk_ids, topk_ids.shape[1], False, inplace,
-        activation=activation, gate_bias=gate_bias, up_bias=up_bias, down_bias=b2,
-        routed_scaling_factor=routed_scaling_factor, expert_map=expert_map, path=path,
-        device=device)
+    return gate, up, w2
 
 
 def explain(num_tokens: int, hidden_size: int, intermediate_size: int, num_experts: int,

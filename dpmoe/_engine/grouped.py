@@ -62,7 +62,7 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         act_kernel(flat(gate), flat(up), flat(result), layout.n_rows, inter, inter, inter, 0,
                    options.alpha, options.limit, **biases)
 
-    if getattr(experts, "quantized", False):
+    if experts.quantized:
         kind = "bfloat16" if bf16 else "float32"
         rows, a_rows = token_rows(kind)
         gate, up = _quantized_gemms(experts, (0, 1), rows, a_rows, layout, kind, host, buffers)

@@ -38,7 +38,7 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
     meta = upload(meta, queue)
     slot_of_pos, block_expert = meta[:n_pos], meta[n_pos:n_pos + n_blocks]
     row_of_slot = meta[n_pos + n_blocks:]
-    if getattr(experts, "quantized", False):
+    if experts.quantized:
         from ..kernels.quant import make_quant_gemv_kernel
 
         (gate, s_gate, cols_gu, *scale_grid_gu), (up, s_up, _, _, _), \

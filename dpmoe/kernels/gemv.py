@@ -44,11 +44,9 @@ def _single_loader(kind: str):
     return load_one
 
 
-_KERNEL_TEMPLATE = """
-def block_gemv_kernel(
-    nd, inp, w_a, w_b, slot_of_pos, block_expert, partial,
-    n_rows, n_units, n_cols, top_k, n_slots, n_splits, n_tiles, n_pos,
-):
+# Where a work-item sits in the grid of (block, split-K chunk, column tile) work-groups,
+# for this module's kernels and the quantized ones (see split_k_grid).
+GRID_PROLOGUE = """\
     group_size = nd.get_local_range(0)
     g = nd.get_group().get_group_id(0)
     tile = g % n_tiles
@@ -58,7 +56,14 @@ def block_gemv_kernel(
     unit = tile * group_size + nd.get_local_id(0)
     live = unit < n_units
     expert = block_expert[blk]
-{init}
+"""
+
+_KERNEL_TEMPLATE = """
+def block_gemv_kernel(
+    nd, inp, w_a, w_b, slot_of_pos, block_expert, partial,
+    n_rows, n_units, n_cols, top_k, n_slots, n_splits, n_tiles, n_pos,
+):
+""" + GRID_PROLOGUE + """{init}
     first = split * ROWS_PER_SPLIT
     last = min(first + ROWS_PER_SPLIT, n_rows)
     for base in range(first, last, ROWS_PER_BARRIER):
@@ -112,6 +117,17 @@ def _block_gemv_source(block: int) -> str:
                                    store="\n".join(store))
 
 
+def split_k_grid(n_units: int, n_rows: int, n_blocks: int) -> tuple:
+    """(NdRange, splits, tiles) of a GEMV over ``n_units`` work-items per row, ``n_rows``
+    rows and ``n_blocks`` blocks of slots: one work-group per (block, split, tile)."""
+    group_size = min(MAX_GROUP_SIZE, -(-n_units // 16) * 16)
+    n_tiles = -(-n_units // group_size)
+    n_splits = splits(n_rows)
+    n_groups = n_blocks * n_splits * n_tiles
+    return (dpex.NdRange(dpex.Range(n_groups * group_size), dpex.Range(group_size)),
+            n_splits, n_tiles)
+
+
 @lru_cache(maxsize=None)
 def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
                            two_matrices: bool, rows_by_token: bool):
@@ -143,16 +159,11 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
 
     def launch(inp, w_a, w_b, slot_of_pos, block_expert, partial, n_rows, n_cols, top_k, n_slots):
         n_units = n_cols // cols
-        group_size = min(MAX_GROUP_SIZE, -(-n_units // 16) * 16)
-        n_tiles = -(-n_units // group_size)
-        n_splits = splits(n_rows)
-        n_blocks = block_expert.shape[0]
-        n_groups = n_blocks * n_splits * n_tiles
+        grid, n_splits, n_tiles = split_k_grid(n_units, n_rows, block_expert.shape[0])
         call(
-            block_gemv_kernel,
-            dpex.NdRange(dpex.Range(n_groups * group_size), dpex.Range(group_size)),
+            block_gemv_kernel, grid,
             inp, w_a, w_b, slot_of_pos, block_expert, partial, n_rows, n_units, n_cols,
-            top_k, n_slots, n_splits, n_tiles, n_blocks * block,
+            top_k, n_slots, n_splits, n_tiles, block_expert.shape[0] * block,
         )
 
     return launch

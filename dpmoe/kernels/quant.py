@@ -22,10 +22,10 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
-from .gemv import MAX_GROUP_SIZE, ROWS_PER_BARRIER
+from .gemv import GRID_PROLOGUE, ROWS_PER_BARRIER, split_k_grid
 from .launch import call
 from .numerics import bits_as_f32, f32_as_bits, loader, storer
-from .sizes import ROWS_PER_SPLIT, splits
+from .sizes import ROWS_PER_SPLIT
 
 FP8_BLOCK = 128  # fp8_block's scale blocks are 128 x 128
 MX_BLOCK = 32  # mxfp4's scale blocks are 32 values along K
@@ -88,15 +88,7 @@ def quant_gemv_kernel(
     nd, inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial,
     n_rows, n_units, n_cols, top_k, n_slots, n_splits, n_tiles, n_pos, n_srows, n_scols,
 ):
-    group_size = nd.get_local_range(0)
-    g = nd.get_group().get_group_id(0)
-    tile = g % n_tiles
-    rest = g // n_tiles
-    split = rest % n_splits
-    blk = rest // n_splits
-    unit = tile * group_size + nd.get_local_id(0)
-    live = unit < n_units
-    expert = block_expert[blk]
+""" + GRID_PROLOGUE + """\
     col = unit * COLS
 {init}
     first = split * ROWS_PER_SPLIT
@@ -208,16 +200,12 @@ def make_quant_gemv_kernel(fmt: str, in_kind: str, block: int, cols: int, two_ma
     def launch(inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial, n_rows, n_cols,
                top_k, n_slots, n_srows, n_scols):
         n_units = n_cols // cols
-        group_size = min(MAX_GROUP_SIZE, -(-n_units // 16) * 16)
-        n_tiles = -(-n_units // group_size)
-        n_splits = splits(n_rows)
-        n_blocks = block_expert.shape[0]
+        grid, n_splits, n_tiles = split_k_grid(n_units, n_rows, block_expert.shape[0])
         call(
-            kernel,
-            dpex.NdRange(dpex.Range(n_blocks * n_splits * n_tiles * group_size),
-                         dpex.Range(group_size)),
+            kernel, grid,
             inp, w_a, w_b, s_a, s_b, slot_of_pos, block_expert, partial, n_rows, n_units,
-            n_cols, top_k, n_slots, n_splits, n_tiles, n_blocks * block, n_srows, n_scols,
+            n_cols, top_k, n_slots, n_splits, n_tiles, block_expert.shape[0] * block, n_srows,
+            n_scols,
         )
 
     return launch

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import reference, validation
 from ._engine import forward
-from ._engine.convert import ids_to_device, weights_to_device, widen
+from ._engine.convert import ids_to_device, narrow, weights_to_device, widen
 from ._engine.plan import ExecutionPlan, choose
 from ._engine.reduce import weighted_sum
 from .arrays import HOST_DTYPE, empty, flat, from_device, host_view, to_device, to_host
@@ -183,6 +183,12 @@ class ExpertParallelMoE(MoELayer):
                 raise TypeError("ExpertParallelMoE takes no held_experts: the placement says "
                                 "which experts a rank holds")
             validation.options("ExpertParallelMoE", options, MoELayer.OPTIONS)
+            unsupported = [k for k in ("identity_experts", "weights_on_input", "output_bias")
+                           if options.get(k) is not None and options.get(k) is not False
+                           and not (k == "identity_experts" and options[k] == 0)]
+            if unsupported or gate is None:
+                raise ValueError("ExpertParallelMoE does not support "
+                                 f"{', '.join(unsupported) or 'non-gated experts'} yet")
             validation.float_array("router", router, 2)
             self.placement = _placement(placement, router.shape[1], self.comm.size)
             held = np.flatnonzero(self.placement == self.comm.rank).astype(np.int32)
@@ -306,7 +312,8 @@ class ExpertParallelMoE(MoELayer):
         shapes, dtype, routing and expert options."""
         h = hashlib.blake2b(digest_size=7)
         for name in REPLICATED:
-            a = self._host[name]
+            a = self._given[name]
+            a = a if a is None else to_host(a)
             h.update(name.encode() + (b"-" if a is None else np.ascontiguousarray(a).tobytes()))
         h.update(self.placement.tobytes())
         h.update(repr((self.hidden_size, self.intermediate_size, self.kind, self.routing,
@@ -505,7 +512,8 @@ class ExpertParallelMoE(MoELayer):
             rows = rows.reshape(num_tokens, top_k, hidden)
             out = reference.moe_sum(rows, np.asarray(weights, np.float32).reshape(num_tokens, top_k))
             if shared:
-                out = out + reference.shared_expert(x, self._host)
+                out = out + reference.shared_expert(x, self._host, self.activation, self._alpha,
+                                                     self._limit)
             out = out.astype(HOST_DTYPE[kind])
             self._tick("combine", start)
             return out
@@ -516,8 +524,9 @@ class ExpertParallelMoE(MoELayer):
             slots = upload(row_of_slot, queue)
             weighted_sum(replies, reply_kind, slots, flat(weights), slots, out, out_kind, top_k,
                          False)
-        if shared:
-            out = self._add_shared(out, x, kind, x32, shared_plan)
+        if shared and self._shared is not None:
+            out += self._shared_out(x, kind, x32, shared_plan)
+            out = narrow(out, kind)
         out = from_device(out, kind, as_numpy)
         self._tick("combine", start)
         return out

@@ -18,7 +18,7 @@ import numpy as np
 from . import _fork, memory, reference, validation
 from ._engine import forward
 from ._engine.convert import narrow, widen
-from ._engine.experts import DEFAULT_OPTIONS, ExpertOptions, ExpertWeights, expert_weights
+from ._engine.experts import ExpertOptions, ExpertWeights, expert_weights
 from ._engine.gemm import dense_matmul
 from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
@@ -48,9 +48,10 @@ class MoELayer:
 
     # the keyword options of from_numpy
     OPTIONS = ("router_bias", "scoring", "num_expert_group", "topk_group", "correction_bias",
-               "routed_scaling_factor", "activation", "alpha", "limit", "gate_bias", "up_bias",
-               "down_bias", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
-               "shared_expert_gate", "held_experts")
+               "routed_scaling_factor", "epsilon", "activation", "alpha", "limit", "gate_bias",
+               "up_bias", "down_bias", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+               "shared_expert_gate", "identity_experts", "weights_on_input", "output_bias",
+               "held_experts")
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int = 2, renormalize: bool = True, dtype: Any = "float32",
@@ -89,17 +90,26 @@ class MoELayer:
                     normal((experts, inter, hidden), inter), top_k, renormalize, device, **extra)
 
     @classmethod
-    def from_numpy(cls, router: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
-                   top_k: int = 2, renormalize: bool = True, device: Any = None,
+    def from_numpy(cls, router: np.ndarray, gate: np.ndarray | None, up: np.ndarray,
+                   down: np.ndarray, top_k: int = 2, renormalize: bool = True, device: Any = None,
                    **options: Any) -> "MoELayer":
-        """A layer from given weights: router [H, E], gate/up [E, H, I], down [E, I, H].
+        """A layer from given weights: router [H, E], gate/up [E, H, I], down [E, I, H]
+        (NumPy, :class:`dpmoe.quant.QuantizedExperts`, or dpnp arrays on the layer's device,
+        used in place).
 
         Keyword options: ``router_bias`` [E]; ``scoring`` ("softmax", "softmax_after_topk",
         "sigmoid"); ``num_expert_group``, ``topk_group``, ``correction_bias`` [E],
         ``routed_scaling_factor`` (grouped routing, :func:`dpmoe.grouped_topk`'s rules);
-        ``activation``, ``alpha``, ``limit``, ``gate_bias``/``up_bias`` [E, I], ``down_bias``
-        [E, H] (experts); ``shared_gate_proj``/``shared_up_proj`` [H, Is],
-        ``shared_down_proj`` [Is, H] and ``shared_expert_gate`` [H, 1] (shared expert);
+        ``epsilon`` added to the sum that renormalizes (default: 1e-20 for grouped/sigmoid
+        routing, else 0); ``activation``, ``alpha``, ``limit``, ``gate_bias``/``up_bias``
+        [E, I], ``down_bias`` [E, H] (experts; a non-gated activation such as "relu2",
+        ``down(act(x @ up))``, takes ``gate=None``); ``shared_gate_proj``/``shared_up_proj``
+        [H, Is], ``shared_down_proj`` [Is, H] and ``shared_expert_gate`` [H, 1] (shared expert,
+        with the experts' activation; ``shared_gate_proj`` None when it is not gated);
+        ``identity_experts`` Z: the router has E + Z columns and a slot routed to expert
+        ``E + z`` adds ``weight * x`` (zero-computation experts, LongCat-Flash);
+        ``weights_on_input``: experts run on ``weight * x`` and their outputs add unweighted
+        (Llama 4); ``output_bias`` [H] added once to the block's output (JetMoE);
         ``held_experts`` [E_held] int: a shard that holds only these global experts (gate,
         up, down and their biases are theirs, in that order; the router still covers all E):
         slots routed to other experts add nothing, as with ``fused_moe_forward``'s
@@ -113,74 +123,117 @@ class MoELayer:
 
     def _setup(self, router, gate, up, down, top_k, renormalize, device, *, router_bias=None,
                scoring="softmax", num_expert_group=1, topk_group=1, correction_bias=None,
-               routed_scaling_factor=1.0, activation="silu", alpha=1.702, limit=7.0,
-               gate_bias=None, up_bias=None, down_bias=None, shared_gate_proj=None,
+               routed_scaling_factor=1.0, epsilon=None, activation="silu", alpha=1.702,
+               limit=7.0, gate_bias=None, up_bias=None, down_bias=None, shared_gate_proj=None,
                shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
+               identity_experts=0, weights_on_input=False, output_bias=None,
                held_experts=None) -> None:
         validation.float_array("router", router, 2)
+        gated = activation not in validation.NON_GATED
+        if gated and gate is None:
+            raise ValueError(f"gate is None, but activation {activation!r} is gated "
+                             f"(non-gated: {validation.NON_GATED})")
+        if not gated and gate is not None:
+            raise ValueError(f"activation {activation!r} is not gated: pass gate=None")
+        if not gated and gate_bias is not None:
+            raise ValueError(f"activation {activation!r} is not gated: it takes no gate_bias "
+                             "or up_bias")
+        # a non-gated layer's engine sees its up weights as gate too (the activation reads
+        # only up): the same arrays, not a copy
+        gate = up if gate is None else gate
         self.kind = validation.experts(gate, up, down)
         quantized = validation.quantized(gate)
         num_held, hidden, inter = gate.shape
+        identity = validation.positive_int("identity_experts", identity_experts, 0)
+        self.weights_on_input = validation.flag("weights_on_input", weights_on_input)
+        if (identity or self.weights_on_input) and held_experts is not None:
+            raise ValueError("identity_experts and weights_on_input are not supported for "
+                             "expert shards (held_experts)")
         num_experts = num_held if held_experts is None else router.shape[1]
-        validation.shape("router", router, (hidden, num_experts), "[H, E]")
+        validation.shape("router", router, (hidden, num_experts + identity),
+                         "[H, E + identity_experts]" if identity else "[H, E]")
         self.hidden_size, self.intermediate_size, self.num_experts = hidden, inter, num_experts
+        self.identity_experts = identity
         self.held_experts = validation.held_experts(held_experts, num_held, num_experts)
         self.routing: RoutingSpec = routing_spec(
-            num_experts, top_k, renormalize, scoring, num_expert_group, topk_group,
-            correction_bias, routed_scaling_factor)
+            num_experts + identity, top_k, renormalize, scoring, num_expert_group, topk_group,
+            correction_bias, routed_scaling_factor, epsilon)
         if router_bias is not None:
-            validation.routing_weights("router_bias", router_bias, (num_experts,), "[E]")
+            validation.routing_weights("router_bias", router_bias, (num_experts + identity,),
+                                       "[E]")
         validation.expert_options(num_held, hidden, inter, activation, gate_bias, up_bias,
-                                  down_bias, 1.0, alpha, limit)
+                                  down_bias, 1.0, alpha, limit,
+                                  validation.ACTIVATIONS + validation.NON_GATED)
+        if output_bias is not None:
+            validation.float_array("output_bias", output_bias, 1)
+            validation.shape("output_bias", output_bias, (hidden,), "[H]")
         self.activation = activation
-        shared = {"gate": shared_gate_proj, "up": shared_up_proj, "down": shared_down_proj}
+        shared = {"up": shared_up_proj, "down": shared_down_proj}
+        if gated:
+            shared["gate"] = shared_gate_proj
+        elif shared_gate_proj is not None:
+            raise ValueError(f"activation {activation!r} is not gated: the shared expert takes "
+                             "no shared_gate_proj")
         if any(v is not None for v in shared.values()) or shared_expert_gate is not None:
             if any(v is None for v in shared.values()):
-                raise ValueError("shared_gate_proj, shared_up_proj and shared_down_proj go together")
+                raise ValueError(f"{', '.join('shared_' + k + '_proj' for k in shared)} go "
+                                 "together")
             # with quantized experts the shared expert stays in float, of one dtype
-            shared_kind = (validation.float_array("shared_gate_proj", shared_gate_proj, 2)
+            shared_kind = (validation.float_array("shared_up_proj", shared_up_proj, 2)
                            if quantized else self.kind)
             for name, a in (("shared_gate_proj", shared_gate_proj), ("shared_up_proj", shared_up_proj),
                             ("shared_down_proj", shared_down_proj)):
-                if validation.float_array(name, a, 2) != shared_kind:
-                    owner = "shared_gate_proj's" if quantized else "the experts'"
+                if a is not None and validation.float_array(name, a, 2) != shared_kind:
+                    owner = "shared_up_proj's" if quantized else "the experts'"
                     raise TypeError(f"{name} must have {owner} dtype ({shared_kind}), got {a.dtype}")
-            width = shared_gate_proj.shape[1]
-            validation.shape("shared_gate_proj", shared_gate_proj, (hidden, width), "[H, Is]")
+            width = shared_up_proj.shape[1]
+            if shared_gate_proj is not None:
+                validation.shape("shared_gate_proj", shared_gate_proj, (hidden, width), "[H, Is]")
             validation.shape("shared_up_proj", shared_up_proj, (hidden, width), "[H, Is]")
             validation.shape("shared_down_proj", shared_down_proj, (width, hidden), "[Is, H]")
             if shared_expert_gate is not None:
                 validation.float_array("shared_expert_gate", shared_expert_gate, 2)
                 validation.shape("shared_expert_gate", shared_expert_gate, (hidden, 1), "[H, 1]")
         given = dict(router=router, router_bias=router_bias, correction_bias=correction_bias,
-                     gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias,
-                     down_bias=down_bias, shared_gate=shared_gate_proj, shared_up=shared_up_proj,
-                     shared_down=shared_down_proj, shared_expert_gate=shared_expert_gate)
+                     gate=gate if gated else None, up=up, down=down, gate_bias=gate_bias,
+                     up_bias=up_bias, down_bias=down_bias, shared_gate=shared_gate_proj,
+                     shared_up=shared_up_proj, shared_down=shared_down_proj,
+                     shared_expert_gate=shared_expert_gate, output_bias=output_bias)
         self._alpha, self._limit = float(alpha), float(limit)
         queue, reason = default_queue(device)
         if queue is not None and self.kind == "float16" and not queue.sycl_device.has_aspect_fp16:
             queue, reason = None, f"{queue.sycl_device.name} has no fp16 support"
-        # the device copies (and host copies of dpnp weights) must fit before any is made
-        on_device = sum(a.nbytes for a in given.values() if a is not None)
+        # the device copies must fit before any is made (dpnp weights on the layer's queue
+        # are used as they are; host copies of them are made only when asked for)
+        on_device = sum(a.nbytes for a in given.values()
+                        if a is not None and not (is_device_array(a) and a.sycl_queue == queue))
         from_device_copies = sum(a.nbytes for a in given.values() if is_device_array(a))
         memory.check_fits(queue, "MoELayer", {
             "weights copied to the device": on_device if queue is not None else 0,
-            "host copies of dpnp weights": from_device_copies})
-        self._host = {k: v if v is None or validation.quantized(v) else to_host(v)
-                      for k, v in given.items()}
+            "host copies of dpnp weights": from_device_copies if queue is None else 0})
+        if queue is None:  # the reference computes on host arrays
+            given = {k: v if v is None or validation.quantized(v) else to_host(v)
+                     for k, v in given.items()}
+        self._given = given
         # global id -> held id, -1 elsewhere (None: the layer holds every expert)
         self._expert_map = None
         if not np.array_equal(self.held_experts, np.arange(num_experts)):
             self._expert_map = np.full(num_experts, -1, np.int32)
             self._expert_map[self.held_experts] = np.arange(num_held, dtype=np.int32)
+        # what the engine reads: identity experts have no weights (-1, added separately)
+        routed_map = self._expert_map
+        if identity:
+            routed_map = np.concatenate([np.arange(num_experts, dtype=np.int32),
+                                         np.full(identity, -1, np.int32)])
         self.queue = queue
         self._fallback_reason = reason
         if queue is None:
             return
-        h = self._host
+        h = self._given
 
         def f32(a: Any) -> Any:
-            return None if a is None else to_device(np.ascontiguousarray(a, np.float32), queue)
+            return None if a is None else to_device(np.ascontiguousarray(to_host(a), np.float32),
+                                                    queue)
 
         self._router, self._router_bias = f32(h["router"]), f32(h["router_bias"])
         self._correction_bias = f32(h["correction_bias"])
@@ -189,12 +242,22 @@ class MoELayer:
             queue, activation, alpha, limit, gate_bias=f32(h["gate_bias"]),
             up_bias=f32(h["up_bias"]), down_bias=f32(h["down_bias"]))
         self._shared = None
-        if h["shared_gate"] is not None:
-            as_stack = [h["shared_gate"][None], h["shared_up"][None], h["shared_down"][None]]
-            self._shared = ExpertWeights(*as_stack, float_kind("shared_gate_proj", as_stack[0]),
-                                         queue, persistent=True)
+        if h["shared_up"] is not None:
+            up_stack = h["shared_up"][None]
+            gate_stack = up_stack if h["shared_gate"] is None else h["shared_gate"][None]
+            self._shared = ExpertWeights(gate_stack, up_stack, h["shared_down"][None],
+                                         float_kind("shared_up_proj", up_stack), queue,
+                                         persistent=True)
+            self._shared_options = ExpertOptions(activation=activation, alpha=alpha, limit=limit)
         self._shared_gate = f32(h["shared_expert_gate"])
-        self._device_map = None if self._expert_map is None else to_device(self._expert_map, queue)
+        self._output_bias = f32(h["output_bias"])
+        self._device_map = None if routed_map is None else to_device(routed_map, queue)
+
+    @property
+    def _host(self) -> dict[str, Any]:
+        """The weights as given, dpnp ones copied to the host (on each access)."""
+        return {k: v if v is None or validation.quantized(v) else to_host(v)
+                for k, v in self._given.items()}
 
     @property
     def top_k(self) -> int:
@@ -229,10 +292,12 @@ class MoELayer:
 
         given = {names.get(k, k): v if validation.quantized(v) else read_only(v)
                  for k, v in h.items() if v is not None}
-        return dict(given, top_k=r.top_k, renormalize=r.renormalize, scoring=r.scoring,
-                    num_expert_group=r.num_expert_group, topk_group=r.topk_group,
-                    routed_scaling_factor=r.routed_scaling_factor, activation=self.activation,
-                    alpha=self._alpha, limit=self._limit,
+        return dict(given, gate=given.get("gate"), top_k=r.top_k, renormalize=r.renormalize,
+                    scoring=r.scoring, num_expert_group=r.num_expert_group,
+                    topk_group=r.topk_group, routed_scaling_factor=r.routed_scaling_factor,
+                    epsilon=r.epsilon, activation=self.activation, alpha=self._alpha,
+                    limit=self._limit, identity_experts=self.identity_experts,
+                    weights_on_input=self.weights_on_input,
                     held_experts=None if self._expert_map is None else self.held_experts)
 
     def plan(self, num_tokens: int, hidden_dtype: Any = None, path: str = "auto"
@@ -245,6 +310,9 @@ class MoELayer:
         path = validation.execution_path(path)
         if self.queue is None:
             return None
+        if self.weights_on_input:  # each slot's row is a token of its own, routed to one expert
+            return choose(self.queue, num_tokens * self.top_k, self._experts.shape, 1, x_kind,
+                          self.kind, path)
         return choose(self.queue, num_tokens, self._experts.shape, self.top_k, x_kind,
                       self.kind, path)
 
@@ -261,7 +329,8 @@ class MoELayer:
         return reference.moe_block(
             to_host(hidden_states), h, r.top_k, r.renormalize, r.scoring, r.num_expert_group,
             r.topk_group, r.routed_scaling_factor, self.activation, self._alpha, self._limit,
-            self._expert_map)
+            self._expert_map, epsilon=r.epsilon, identity_experts=self.identity_experts,
+            weights_on_input=self.weights_on_input)
 
     def route(self, hidden_states: Any) -> tuple[Any, Any]:
         """(topk_weights [T, k] float32, topk_ids [T, k] int32) for ``hidden_states`` [T, H]."""
@@ -283,10 +352,35 @@ class MoELayer:
         x = to_device(hidden_states, self.queue)
         x32 = widen(x, kind)
         weights, ids = self._route(x32)
-        out_kind = kind if self._shared is None else "float32"
-        out = forward.run(plan, x, kind, self._experts, weights, self._held_ids(ids), False,
-                          self._options, out_kind)
-        return from_device(self._add_shared(out, x, kind, x32, shared_plan), kind, as_numpy)
+        extras = (self._shared is not None or self.identity_experts
+                  or self._output_bias is not None)
+        if self.weights_on_input:
+            out = self._on_weighted_inputs(plan, x32, kind, weights, ids)
+        else:
+            out = forward.run(plan, x, kind, self._experts, weights, self._held_ids(ids), False,
+                              self._options, "float32" if extras else kind)
+        if not (extras or self.weights_on_input):
+            return from_device(out, kind, as_numpy)
+        if self.identity_experts:  # zero-computation experts: their weight times the token
+            identity = weights * (ids >= self.num_experts)
+            out += dpnp.sum(identity, axis=1, keepdims=True) * x32
+        if self._shared is not None:
+            out += self._shared_out(x, kind, x32, shared_plan)
+        if self._output_bias is not None:
+            out += self._output_bias
+        return from_device(narrow(out, kind), kind, as_numpy)
+
+    def _on_weighted_inputs(self, plan: ExecutionPlan, x32: Any, kind: str, weights: Any,
+                            ids: Any) -> Any:
+        """The routed experts run on ``weight * x`` (one row per slot, rounded to ``kind``
+        like the tokens), summed unweighted over each token's slots; float32 [T, H]."""
+        num_tokens, hidden = x32.shape
+        rows = (x32[:, None, :] * weights[:, :, None]).reshape(num_tokens * self.top_k, hidden)
+        ones = empty((rows.shape[0], 1), "float32", self.queue)
+        ones.fill(1.0)
+        out = forward.run(plan, narrow(rows, kind), kind, self._experts, ones,
+                          self._held_ids(ids.reshape(-1, 1)), False, self._options, "float32")
+        return dpnp.sum(out.reshape(num_tokens, self.top_k, hidden), axis=1)
 
     def experts(self, hidden_states: Any, topk_weights: Any, topk_ids: Any, *,
                 path: str = "auto") -> Any:
@@ -350,16 +444,6 @@ class MoELayer:
         """Routed (global) expert ids as ids of the held experts, -1 for the others."""
         return ids if self._device_map is None else local_ids(ids, self._device_map)
 
-    def _add_shared(self, routed: Any, x: Any, kind: str, x32: Any,
-                    plan: ExecutionPlan | None) -> Any:
-        """The routed experts' output (storage form, float32 when there is a shared expert)
-        plus the shared expert's, rounded once to ``kind``."""
-        if self._shared is None:
-            return routed
-        shared = self._shared_out(x, kind, x32, plan)
-        shared += routed
-        return narrow(shared, kind)
-
     def _shared_out(self, x: Any, kind: str, x32: Any, plan: ExecutionPlan) -> Any:
         """The shared expert as a one-expert MoE whose routing weight is its gate, float32."""
         num_tokens = x.shape[0]
@@ -374,8 +458,8 @@ class MoELayer:
             weight.fill(1.0)
         ids = empty((num_tokens, 1), "int32", self.queue)
         ids.fill(0)
-        return forward.run(plan, x, kind, self._shared, weight, ids, False, DEFAULT_OPTIONS,
-                           "float32")
+        return forward.run(plan, x, kind, self._shared, weight, ids, False,
+                           self._shared_options, "float32")
 
     def _check(self, hidden_states: Any, finite: bool = True) -> tuple[str, bool]:
         """Validates ``hidden_states`` for this layer; its kind and NumPy-ness. Announces

@@ -159,7 +159,9 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 def gated(gate: np.ndarray, up: np.ndarray, activation: str = "silu", alpha: float = 1.702,
           limit: float = 7.0) -> np.ndarray:
     """act(gate) * up in float32; swigluoai clamps gate at ``limit`` and up to +-limit and
-    returns gate * sigmoid(alpha * gate) * (up + 1)."""
+    returns gate * sigmoid(alpha * gate) * (up + 1); relu2 (not gated) is relu(up)**2."""
+    if activation == "relu2":  # not gated: the gate (absent, or equal to up) is not read
+        return np.square(np.maximum(up, F32(0)))
     if activation == "swigluoai":
         gate = np.minimum(gate, F32(limit))
         up = np.clip(up, -F32(limit), F32(limit))
@@ -269,7 +271,7 @@ def fused_moe_forward(
             e = int(ids[t, j])
             if e < 0:
                 continue
-            g = x[t] @ _f32(gate_weights[e])
+            g = None if gate_weights is None else x[t] @ _f32(gate_weights[e])
             u = x[t] @ _f32(up_weights[e])
             if gate_bias is not None:
                 g = g + _f32(gate_bias[e])
@@ -284,29 +286,35 @@ def fused_moe_forward(
 def route_block(
     hidden_states: np.ndarray, w: dict, top_k: int, renormalize: bool, scoring: str,
     num_expert_group: int, topk_group: int, routed_scaling_factor: float,
+    epsilon: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The routing of :class:`dpmoe.MoELayer`: logits = x @ router (+ router_bias), then
-    softmax top-k, softmax after top-k, or grouped top-k (sigmoid, groups, bias, scaling)."""
+    softmax top-k, softmax after top-k, or grouped top-k (sigmoid, groups, bias, scaling);
+    ``epsilon`` (None: 1e-20 for the grouped kinds, else 0) is added to the renormalizing sum."""
     logits = _f32(hidden_states) @ _f32(w["router"])
     if w.get("router_bias") is not None:
         logits = logits + _f32(w["router_bias"])
-    grouped = (scoring == "sigmoid" or num_expert_group > 1 or routed_scaling_factor != 1.0
-               or w.get("correction_bias") is not None)
-    if not grouped:
+    deepseek = (scoring == "sigmoid" or num_expert_group > 1 or routed_scaling_factor != 1.0
+                or w.get("correction_bias") is not None)
+    if epsilon is None:
+        epsilon = 1e-20 if deepseek else 0.0
+    if not (deepseek or epsilon):
         return topk_softmax(logits, top_k, renormalize, scoring)
     return grouped_topk(logits, top_k, num_expert_group, topk_group, renormalize,
                         "sigmoid" if scoring == "sigmoid" else "softmax",
-                        w.get("correction_bias"), routed_scaling_factor)
+                        w.get("correction_bias"), routed_scaling_factor, _epsilon=F32(epsilon))
 
 
-def shared_expert(hidden_states: np.ndarray, w: dict) -> np.ndarray:
+def shared_expert(hidden_states: np.ndarray, w: dict, activation: str = "silu",
+                  alpha: float = 1.702, limit: float = 7.0) -> np.ndarray:
     """The shared expert of :class:`dpmoe.MoELayer` in float32 (zeros when it has none):
-    ``down(silu(x @ gate) * (x @ up))``, scaled by ``sigmoid(x @ shared_expert_gate)`` when
-    that gate exists."""
+    ``down(act(x @ gate) * (x @ up))`` (``down(act(x @ up))`` for a non-gated activation),
+    scaled by ``sigmoid(x @ shared_expert_gate)`` when that gate exists."""
     x = _f32(hidden_states)
-    if w.get("shared_gate") is None:
+    if w.get("shared_up") is None:
         return np.zeros(x.shape, F32)
-    shared = (silu(x @ _f32(w["shared_gate"])) * (x @ _f32(w["shared_up"]))) @ _f32(w["shared_down"])
+    g = None if w.get("shared_gate") is None else x @ _f32(w["shared_gate"])
+    shared = gated(g, x @ _f32(w["shared_up"]), activation, alpha, limit) @ _f32(w["shared_down"])
     if w.get("shared_expert_gate") is not None:
         shared = sigmoid(x @ _f32(w["shared_expert_gate"])) * shared
     return shared
@@ -316,21 +324,42 @@ def moe_block(
     hidden_states: np.ndarray, w: dict, top_k: int = 2, renormalize: bool = True,
     scoring: str = "softmax", num_expert_group: int = 1, topk_group: int = 1,
     routed_scaling_factor: float = 1.0, activation: str = "silu", alpha: float = 1.702,
-    limit: float = 7.0, expert_map: np.ndarray | None = None,
+    limit: float = 7.0, expert_map: np.ndarray | None = None, *, epsilon: float | None = None,
+    identity_experts: int = 0, weights_on_input: bool = False,
 ) -> np.ndarray:
     """A whole MoE block (see :class:`dpmoe.MoELayer`): routing, routed experts with their
     activation and biases, plus the shared expert (gated by sigmoid(x @ shared_expert_gate)
-    when present), summed in float32 and rounded once to the input's dtype. With
-    ``expert_map`` the experts in ``w`` are a shard (see :func:`fused_moe_forward`)."""
+    when present) and ``w["output_bias"]``, summed in float32 and rounded once to the
+    input's dtype. With ``expert_map`` the experts in ``w`` are a shard (see
+    :func:`fused_moe_forward`). ``identity_experts`` Z: the router has E + Z columns and
+    ids >= E add ``weight * x``. ``weights_on_input``: each slot's expert runs on
+    ``weight * x`` (rounded to the input's dtype) and slots add unweighted (Llama 4)."""
     weights, ids = route_block(hidden_states, w, top_k, renormalize, scoring, num_expert_group,
-                               topk_group, routed_scaling_factor)
+                               topk_group, routed_scaling_factor, epsilon)
     x = _f32(hidden_states)
-    out = _f32(fused_moe_forward(
-        x, w["gate"], w["up"], w["down"], weights, ids, top_k, False, activation=activation,
-        gate_bias=w.get("gate_bias"), up_bias=w.get("up_bias"), down_bias=w.get("down_bias"),
-        expert_map=expert_map, alpha=alpha, limit=limit))
-    if w.get("shared_gate") is not None:
-        out = out + shared_expert(x, w)
+    num_experts = w["up"].shape[0] if expert_map is None else len(expert_map)
+    routed_map = expert_map
+    if identity_experts:
+        routed_map = np.concatenate([np.arange(num_experts) if expert_map is None else expert_map,
+                                     np.full(identity_experts, -1)])
+    slots = [(weights, ids)]
+    if weights_on_input:  # one pass per slot j, on its own scaled copy of the tokens
+        slots = [(weights[:, j:j + 1], ids[:, j:j + 1]) for j in range(top_k)]
+    out = np.zeros(x.shape, F32)
+    for slot_weights, slot_ids in slots:
+        inputs, routing = x, slot_weights
+        if weights_on_input:
+            inputs = _f32((slot_weights * x).astype(hidden_states.dtype))
+            routing = np.ones_like(slot_weights)
+        out += _f32(fused_moe_forward(
+            inputs, w.get("gate"), w["up"], w["down"], routing, slot_ids, slot_ids.shape[1],
+            False, activation=activation, gate_bias=w.get("gate_bias"), up_bias=w.get("up_bias"),
+            down_bias=w.get("down_bias"), expert_map=routed_map, alpha=alpha, limit=limit))
+    if identity_experts:
+        out += (weights * (ids >= num_experts)).sum(axis=1, keepdims=True, dtype=F32) * x
+    out += shared_expert(x, w, activation, alpha, limit)
+    if w.get("output_bias") is not None:
+        out += _f32(w["output_bias"])
     return out.astype(hidden_states.dtype)
 
 

@@ -16,6 +16,8 @@ from .arrays import BFLOAT16, FLOAT_KINDS, float_kind, host_view
 from .device import dpnp, is_device_array
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
+# experts without a gate projection: down(act(x @ up)) (Nemotron-H's squared ReLU)
+NON_GATED = ("relu2",)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -146,10 +148,10 @@ def experts(gate_weights: Any, up_weights: Any, down_weights: Any) -> str:
 
 def expert_options(num_experts: int, hidden: int, inter: int, activation: Any,
                    gate_bias: Any, up_bias: Any, down_bias: Any, scale: Any, alpha: Any,
-                   limit: Any) -> set[str]:
+                   limit: Any, allowed: tuple[str, ...] = ACTIVATIONS) -> set[str]:
     """The optional expert arguments; returns the float kinds of the biases."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
     for label, value in (("routed_scaling_factor", scale), ("alpha", alpha), ("limit", limit)):
         finite_number(label, value)
     if (gate_bias is None) != (up_bias is None):

@@ -81,7 +81,9 @@ class ExpertWeights:
     quantized = False
 
     def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, persistent: bool):
-        self.gate, self.up, self.down = (to_device(w, queue) for w in (gate, up, down))
+        self.up, self.down = (to_device(w, queue) for w in (up, down))
+        # non-gated experts pass up as gate: one device copy serves both
+        self.gate = self.up if gate is up else to_device(gate, queue)
         self.kind = kind
         self.persistent = persistent
         if persistent:  # weights read for many calls: worth moving onto huge pages now

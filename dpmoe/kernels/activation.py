@@ -1,5 +1,5 @@
 """Gated activations ``out = act(gate) * up`` (SiLU, GELU, tanh-GELU, GPT-OSS's clamped
-SwiGLU), one work-item per output element."""
+SwiGLU) and the non-gated squared ReLU ``relu(up)**2``, one work-item per output element."""
 
 import math
 from functools import lru_cache
@@ -41,8 +41,15 @@ def swigluoai_mul(g, u, alpha, limit):
     return g / (np.float32(1.0) + math.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
+@dpex.device_func
+def relu2_up(g, u, alpha, limit):
+    # non-gated: the layer hands the engine its up weights as gate too, so g == u
+    r = max(u, np.float32(0.0))
+    return r * r
+
+
 ACTIVATION_FUNCTIONS = {"silu": silu_mul, "gelu": gelu_mul, "gelu_tanh": gelu_tanh_mul,
-                        "swigluoai": swigluoai_mul}
+                        "swigluoai": swigluoai_mul, "relu2": relu2_up}
 
 
 @lru_cache(maxsize=None)

@@ -1,55 +1,286 @@
-"""MoE blocks of model families, built from a transformers block's ``state_dict``.
+"""MoE blocks of transformers model families, from a checkpoint directory or a state dict.
 
-``from_state_dict(family, state_dict, config)`` takes the block's tensors as NumPy arrays
-(``{name: t.float().numpy()}``, or ``ml_dtypes.bfloat16`` arrays) and its config (the
-transformers config object, a dict, or anything with those attributes) and returns an
-:class:`dpmoe.MoELayer` that computes what the transformers module computes. dpmoe itself
-never imports torch or transformers.
+- :func:`from_pretrained` reads one decoder layer's MoE block from a safetensors checkpoint
+  directory (:mod:`dpmoe.checkpoint`: memory-mapped, no torch), :func:`all_from_pretrained`
+  every MoE layer of the model, :func:`moe_layers` says which layers have one;
+- :func:`from_state_dict` takes a block's tensors the user already holds (a transformers
+  module's ``state_dict()`` as NumPy arrays) and its config.
 
-| family | routing | experts | shared expert |
-| --- | --- | --- | --- |
-| mixtral | softmax, top-k, always renormalized | SiLU, w13 halves | none |
-| qwen2_moe | softmax, top-k, ``norm_topk_prob`` | SiLU | gated by sigmoid(x @ shared_expert_gate) |
-| olmoe | softmax, top-k, ``norm_topk_prob`` | SiLU | none |
-| deepseek_v3 | sigmoid, grouped top-k with ``e_score_correction_bias``, ``n_group``, ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor`` | SiLU | always added |
-| gpt_oss | top-k on logits (router has a bias), then softmax over the k | swigluoai (interleaved gate/up, alpha, limit), biases | none |
+Each returns an :class:`dpmoe.MoELayer` that computes what the transformers block computes.
+Families differ only in data: where the block lives, what its tensors are called, and how
+config.json states its routing (:data:`CONVENTIONS`); everything they compute is a general
+option of :meth:`dpmoe.MoELayer.from_numpy`. The README's family table lists them.
 
-Weights layouts in transformers 5: ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
-``experts.down_proj`` [E, H, I], applied as ``x @ W^T``; GPT-OSS keeps
-``gate_up_proj`` [E, H, 2I] (interleaved) and ``down_proj`` [E, I, H], applied as ``x @ W``.
-
-Quantized checkpoints are taken as they are stored (:mod:`dpmoe.quant`, never
-dequantised): GPT-OSS's MXFP4 ``experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] with
-``experts.gate_up_proj_scales`` [E, 2I, H/32] and ``experts.down_proj_blocks`` /
-``_scales`` (instead of ``gate_up_proj`` / ``down_proj``; the biases stay float), and
-DeepSeek-V3's FP8 experts per expert, ``experts.{e}.gate_proj.weight`` [I, H]
-float8_e4m3fn (or its uint8 bits) with ``experts.{e}.gate_proj.weight_scale_inv``
-[ceil(I/128), ceil(H/128)], likewise ``up_proj`` and ``down_proj``.
+Expert tensors are recognised by name and shape in any of the layouts the checkpoints and
+modules use: per expert (``experts.{e}.gate_proj.weight`` / ``w1``, ``w3``, ``w2``, [out, in]),
+fused ``experts.gate_up_proj`` [E, 2I, H] with ``experts.down_proj`` [E, H, I] (or the
+``x @ W`` form [E, H, 2I] / [E, I, H] of GPT-OSS and Llama 4), Granite's ``input_linear`` /
+``output_linear``, DBRX's flat ``w1`` / ``v1`` / ``w2`` [E * I, H]; quantized checkpoints as
+they are stored (GPT-OSS MXFP4 ``*_blocks`` / ``*_scales``, DeepSeek-V3 FP8 with
+``weight_scale_inv``; :mod:`dpmoe.quant`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import quant
+from .arrays import empty, float_kind, from_device, host_view, to_device
+from .checkpoint import Checkpoint, CheckpointError
+from .device import default_queue
 from .layer import MoELayer
-from .layouts import from_gate_up_proj, from_w13
-
-FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(name, default)
-    return getattr(config, name, default)
+    """A config value (a dict, or an object with attributes); DBRX nests its MoE keys in
+    ``ffn_config``."""
+    value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+    if value is None:
+        nested = _get(config, "ffn_config") if name != "ffn_config" else None
+        if nested is not None:
+            value = _get(nested, name)
+    return default if value is None else value
 
 
-def _need(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    if name not in state:
-        raise ValueError(f"state_dict has no {name!r} (keys: {sorted(state)})")
-    return np.asarray(state[name])
+def _first(config: Any, names: tuple[str, ...], default: Any = None) -> Any:
+    for name in names:
+        value = _get(config, name)
+        if value is not None:
+            return value
+    return default
+
+
+# -- routing conventions, read from config.json ----------------------------------------------
+
+def _softmax(renormalize: Callable[[Any], bool]) -> Callable[[Any], dict]:
+    return lambda c: dict(renormalize=renormalize(c))
+
+
+def _norm(default: bool) -> Callable[[Any], bool]:
+    return lambda c: bool(_get(c, "norm_topk_prob", default))
+
+
+def _deepseek(norm_default: bool, scale_key: str = "routed_scaling_factor",
+              epsilon: float | None = None) -> Callable[[Any], dict]:
+    """Sigmoid scores, selection by score + correction bias (when the block has one) in
+    the best groups, renormalized, scaled."""
+    def routing(c: Any) -> dict:
+        return dict(scoring="sigmoid", renormalize=bool(_get(c, "norm_topk_prob", norm_default)),
+                    num_expert_group=int(_get(c, "n_group", 1)),
+                    topk_group=int(_get(c, "topk_group", 1)),
+                    routed_scaling_factor=float(_get(c, scale_key, 1.0)), epsilon=epsilon)
+    return routing
+
+
+def _deepseek_v2(c: Any) -> dict:
+    grouped = _get(c, "topk_method", "greedy") == "group_limited_greedy"
+    if _get(c, "topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"deepseek_v2: topk_method {_get(c, 'topk_method')!r} is not "
+                         "supported (transformers runs 'greedy' and 'group_limited_greedy')")
+    return dict(renormalize=False, routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
+                num_expert_group=int(_get(c, "n_group", 1)) if grouped else 1,
+                topk_group=int(_get(c, "topk_group", 1)) if grouped else 1)
+
+
+def _dbrx(c: Any) -> dict:
+    norm = _get(c, "moe_normalize_expert_weights")
+    if norm not in (None, 1, 1.0):
+        raise ValueError(f"dbrx: moe_normalize_expert_weights={norm} (an L{norm} norm) is not "
+                         "supported; 1 (the sum) and None are")
+    return dict(renormalize=norm is not None)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one family's MoE block is laid out and routed.
+
+    ``blocks``: names of the block inside a decoder layer (checkpoint first, module second);
+    ``routing``: config -> routing options of :meth:`MoELayer.from_numpy`; ``activation``:
+    the config keys naming it (or a fixed name); ``x_at_w``: fused expert tensors are
+    stored for ``x @ W`` ([E, H, 2I], [E, I, H]) instead of ``x @ W^T``; ``interleaved``:
+    their gate and up columns alternate; ``sibling_shared``: a shared expert beside the
+    block in the decoder layer (its output added to the block's).
+    """
+
+    blocks: tuple[str, ...]
+    routing: Callable[[Any], dict]
+    activation: tuple[str, ...] | str = ("hidden_act",)
+    x_at_w: bool = False
+    interleaved: bool = False
+    sibling_shared: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_SOFTMAX_AFTER_TOPK = lambda c: dict(scoring="softmax_after_topk")  # noqa: E731
+CONVENTIONS: dict[str, Convention] = {
+    "mixtral": Convention(("block_sparse_moe", "mlp"), _softmax(lambda c: True)),
+    "qwen2_moe": Convention(("mlp",), _softmax(_norm(False))),
+    "qwen3_moe": Convention(("mlp",), _softmax(_norm(False))),
+    "qwen3_next": Convention(("mlp",), _softmax(_norm(True))),
+    "qwen3_5_moe": Convention(("mlp",), _softmax(lambda c: True)),
+    "olmoe": Convention(("mlp",), _softmax(_norm(False))),
+    "flex_olmo": Convention(("mlp",), _softmax(_norm(False))),
+    "hunyuan_v1_moe": Convention(("mlp",), _softmax(lambda c: True)),
+    "minimax_m2": Convention(("block_sparse_moe", "mlp"),
+                             lambda c: dict(scoring="sigmoid", renormalize=True, epsilon=0.0)),
+    "granitemoe": Convention(("block_sparse_moe",), _SOFTMAX_AFTER_TOPK),
+    "granitemoeshared": Convention(("block_sparse_moe",), _SOFTMAX_AFTER_TOPK,
+                                   sibling_shared="shared_mlp"),
+    "jetmoe": Convention(("mlp",), _SOFTMAX_AFTER_TOPK, ("activation_function",)),
+    "dbrx": Convention(("ffn",), _dbrx, ("ffn_act_fn",)),
+    "deepseek_v2": Convention(("mlp",), _deepseek_v2),
+    "deepseek_v3": Convention(("mlp",), _deepseek(True)),
+    "glm4_moe": Convention(("mlp",), _deepseek(True)),
+    "dots1": Convention(("mlp",), _deepseek(False)),
+    "exaone_moe": Convention(("mlp",), _deepseek(True)),
+    "nemotron_h": Convention(("mixer",), _deepseek(True), ("mlp_hidden_act",)),
+    "afmoe": Convention(("mlp",), lambda c: dict(
+        scoring="sigmoid", renormalize=True, routed_scaling_factor=float(_get(c, "route_scale", 1.0)))),
+    "lfm2_moe": Convention(("feed_forward",), _deepseek(True, epsilon=1e-6), "silu"),
+    "ernie4_5_moe": Convention(("mlp",), lambda c: dict(renormalize=True, epsilon=0.0)),
+    "longcat_flash": Convention(("mlp",), lambda c: dict(
+        renormalize=False, routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
+        identity_experts=int(_get(c, "zero_expert_num", 0)))),
+    "llama4": Convention(("feed_forward",), lambda c: dict(
+        scoring="sigmoid", renormalize=False, weights_on_input=True), x_at_w=True),
+    "gpt_oss": Convention(("mlp",), lambda c: dict(
+        scoring="softmax_after_topk", alpha=float(_get(c, "swiglu_alpha", 1.702)),
+        limit=float(_get(c, "swiglu_limit", 7.0))), "swigluoai", x_at_w=True, interleaved=True),
+}
+FAMILIES = tuple(CONVENTIONS)
+# config.json model_type -> family (text models of multimodal families)
+MODEL_TYPES = {"llama4_text": "llama4", "qwen3_5_moe_text": "qwen3_5_moe"}
+# transformers' activation names -> dpmoe's
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "relu2": "relu2", "swigluoai": "swigluoai"}
+
+# tensor names inside a block, first match wins
+ROUTER = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight",
+          "router.gate.weight", "router.classifier.weight")
+CORRECTION_BIAS = ("gate.e_score_correction_bias", "e_score_correction_bias",
+                   "moe_statics.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias",
+                   "router.e_score_correction_bias", "expert_bias")
+PER_EXPERT = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+FUSED = (("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight"))
+SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def _activation(convention: Convention, config: Any) -> str:
+    if isinstance(convention.activation, str):
+        return convention.activation
+    name = _first(config, convention.activation, "silu")
+    if isinstance(name, Mapping):  # DBRX: {"name": "silu"}
+        name = name.get("name", "silu")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (dpmoe runs {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+# -- tensors into dpmoe's layouts --------------------------------------------------------------
+
+class _Block:
+    """A block's tensors by relative name (a state dict, or a checkpoint's under a prefix);
+    ``where`` names the source in errors."""
+
+    def __init__(self, get: Callable[[str], np.ndarray], names: list[str], where: str) -> None:
+        self._get, self.names, self.where = get, set(names), where
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise ValueError(f"{self.where}: no tensor {name!r}")
+        return np.asarray(self._get(name))
+
+    def first(self, names: tuple[str, ...]) -> str | None:
+        return next((n for n in names if n in self.names), None)
+
+    def count(self, pattern: str) -> int:
+        """How many ``pattern.format(e)`` exist for e = 0, 1, ..."""
+        count = 0
+        while pattern.format(count) in self.names:
+            count += 1
+        return count
+
+
+def _stack(name: str, mats: list[np.ndarray], queue: Any) -> Any:
+    """E matrices (host views) as one [E, r, c] array: on ``queue``'s device, filled one
+    expert at a time (no host copy of the whole stack), or on the host without a device."""
+    shapes = {m.shape for m in mats}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: the experts' matrices differ in shape: {sorted(shapes)}")
+    if queue is None:
+        return np.stack(mats)
+    kind = float_kind(name, mats[0])
+    out = empty((len(mats),) + mats[0].shape, kind, queue)
+    in_place = host_view(out)  # CPU devices: write the device memory directly
+    for e, m in enumerate(mats):
+        bits = m.view(np.uint16) if m.dtype.itemsize == 2 else m
+        if in_place is not None:
+            in_place[e] = bits
+        else:
+            out[e] = to_device(np.ascontiguousarray(m), queue)
+    return from_device(out, kind, False)
+
+
+def _experts(block: _Block, convention: Convention, num_experts: int | None, queue: Any
+             ) -> tuple[Any, Any, Any]:
+    """(gate or None, up [E, H, I], down [E, I, H]) of the block."""
+    fp8 = "experts.0.gate_proj.weight_scale_inv" in block
+    if fp8 or "experts.gate_up_proj_blocks" in block:
+        return _quantized_experts(block, fp8)
+    for gate_name, up_name, down_name in PER_EXPERT:
+        count = block.count("experts.{}.%s.weight" % down_name)
+        if count:
+            mats = {n: [block[f"experts.{e}.{n}.weight"].T for e in range(count)]
+                    for n in (gate_name, up_name, down_name)
+                    if f"experts.0.{n}.weight" in block}
+            if up_name not in mats:
+                raise ValueError(f"{block.where}: experts.0.{down_name}.weight without "
+                                 f"experts.0.{up_name}.weight")
+            gate = mats.get(gate_name)
+            return (None if gate is None else _stack(f"experts.{gate_name}", gate, queue),
+                    _stack(f"experts.{up_name}", mats[up_name], queue),
+                    _stack(f"experts.{down_name}", mats[down_name], queue))
+    if "experts.mlp.w1" in block:  # DBRX: [E * I, H] each; w2 is used as h @ w2_e
+        w1, v1, w2 = (block[f"experts.mlp.{n}"] for n in ("w1", "v1", "w2"))
+        if num_experts is None or w1.shape[0] % num_experts:
+            raise ValueError(f"{block.where}: experts.mlp.w1 {w1.shape} does not split into "
+                             f"{num_experts} experts")
+        inter = w1.shape[0] // num_experts
+        part = lambda w, e: w[e * inter:(e + 1) * inter]  # noqa: E731
+        return (_stack("experts.mlp.w1", [part(w1, e).T for e in range(num_experts)], queue),
+                _stack("experts.mlp.v1", [part(v1, e).T for e in range(num_experts)], queue),
+                _stack("experts.mlp.w2", [part(w2, e) for e in range(num_experts)], queue))
+    if "experts.up_proj" in block and "experts.gate_up_proj" not in block:  # fused, not gated
+        up, down = block["experts.up_proj"], block["experts.down_proj"]
+        return (None, _stack("experts.up_proj", [w.T for w in up], queue),
+                _stack("experts.down_proj", [w.T for w in down], queue))
+    names = next(((a, b) for a, b in FUSED if a in block), None)
+    if names is None:
+        raise ValueError(f"{block.where}: no expert tensors found (looked for "
+                         f"experts.{{e}}.gate_proj.weight, experts.{{e}}.w1.weight, "
+                         f"{', '.join(a for a, _ in FUSED)}, experts.mlp.w1)")
+    gate_up, down = block[names[0]], block[names[1]]
+    if gate_up.ndim != 3 or down.ndim != 3:
+        raise ValueError(f"{block.where}: {names[0]} and {names[1]} must be 3-D, got "
+                         f"{gate_up.shape} and {down.shape}")
+    if convention.x_at_w:  # [E, H, 2I] and [E, I, H]: already x @ W
+        gate_up = gate_up.transpose(0, 2, 1)
+        down = down.transpose(0, 2, 1)
+    inter = gate_up.shape[1] // 2
+    if convention.interleaved:
+        gates, ups = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        gates, ups = gate_up[:, :inter], gate_up[:, inter:]
+    return (_stack(names[0], [w.T for w in gates], queue),
+            _stack(names[0], [w.T for w in ups], queue),
+            _stack(names[1], [w.T for w in down], queue))
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
@@ -58,73 +289,249 @@ def _bytes(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint8) if a.dtype.itemsize == 1 else a
 
 
-def _fp8_experts(state: Mapping[str, np.ndarray], name: str) -> quant.QuantizedExperts:
-    """The FP8 experts ``experts.{e}.{name}.weight`` [out, in] with their
-    ``weight_scale_inv``, stacked (bytes only) into dpmoe's [E, in, out] layout."""
-    count = 0
-    while f"experts.{count}.{name}.weight" in state:
-        count += 1
-    # as bytes: stacking uint8 bits with float8 arrays would convert the bits by value
-    weights = np.stack([_bytes(_need(state, f"experts.{e}.{name}.weight"))
-                        for e in range(count)])
-    scales = np.stack([_need(state, f"experts.{e}.{name}.weight_scale_inv") for e in range(count)])
-    return quant.from_fp8_checkpoint(weights, scales)
+def _quantized_experts(block: _Block, fp8: bool) -> tuple[Any, Any, Any]:
+    """Quantized experts as stored: DeepSeek-V3's FP8 per expert, or GPT-OSS's MXFP4."""
+    if not fp8:
+        gate, up = quant.split_interleaved(quant.from_mxfp4_checkpoint(
+            block["experts.gate_up_proj_blocks"], block["experts.gate_up_proj_scales"]))
+        return gate, up, quant.from_mxfp4_checkpoint(block["experts.down_proj_blocks"],
+                                                     block["experts.down_proj_scales"])
+
+    def stacked(name: str) -> quant.QuantizedExperts:
+        count = block.count("experts.{}.%s.weight" % name)
+        # as bytes: stacking uint8 bits with float8 arrays would convert the bits by value
+        weights = np.stack([_bytes(block[f"experts.{e}.{name}.weight"]) for e in range(count)])
+        scales = np.stack([block[f"experts.{e}.{name}.weight_scale_inv"] for e in range(count)])
+        return quant.from_fp8_checkpoint(weights, scales)
+
+    return stacked("gate_proj"), stacked("up_proj"), stacked("down_proj")
+
+
+def _shared(block: _Block, sibling: _Block | None) -> dict:
+    """The shared expert's options ([in, out] float; an FP8 one dequantised: dpmoe keeps the
+    shared expert in float)."""
+    def matrix(source: _Block, name: str) -> np.ndarray:
+        weight = source[f"{name}.weight"]
+        if f"{name}.weight_scale_inv" not in source:
+            return weight.T
+        scales = source[f"{name}.weight_scale_inv"]
+        return quant.from_fp8_checkpoint(_bytes(weight), scales).dequantize()[0]
+
+    options: dict[str, Any] = {}
+    if sibling is not None and "input_linear.weight" in sibling:  # Granite: [2Is, H] fused
+        gate_up = sibling["input_linear.weight"]
+        width = gate_up.shape[0] // 2
+        return dict(shared_gate_proj=gate_up[:width].T, shared_up_proj=gate_up[width:].T,
+                    shared_down_proj=sibling["output_linear.weight"].T)
+    prefix = next((p for p in SHARED if f"{p}.up_proj.weight" in block), None)
+    if prefix is not None:
+        if f"{prefix}.gate_proj.weight" in block:
+            options["shared_gate_proj"] = matrix(block, f"{prefix}.gate_proj")
+        options.update(shared_up_proj=matrix(block, f"{prefix}.up_proj"),
+                       shared_down_proj=matrix(block, f"{prefix}.down_proj"))
+    if "shared_expert_gate.weight" in block:
+        options["shared_expert_gate"] = block["shared_expert_gate.weight"].T.astype(np.float32)
+    return options
+
+
+def _build(family: str, block: _Block, config: Any, device: Any,
+           sibling: _Block | None = None, layer: int | None = None) -> MoELayer:
+    """The :class:`MoELayer` of ``family``'s block (tensors in ``block``)."""
+    if family not in CONVENTIONS:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    convention = CONVENTIONS[family]
+    options = dict(convention.routing(config))
+    top_k = _first(config, ("num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k"))
+    if isinstance(top_k, (list, tuple)):  # Hunyuan: one per layer
+        top_k = top_k[0 if layer is None else layer]
+    if top_k is None:
+        raise ValueError(f"{family}: the config names no num_experts_per_tok")
+    router_name = block.first(ROUTER)
+    if router_name is None:
+        raise ValueError(f"{block.where}: no router weight (looked for {', '.join(ROUTER)})")
+    router = block[router_name].astype(np.float32)  # [E (+ identity), H]
+    identity = int(options.get("identity_experts", 0))
+    num_experts = router.shape[0] - identity
+    configured = _first(config, ("n_routed_experts", "num_local_experts", "num_experts",
+                                 "moe_num_experts"))
+    if configured is not None and int(configured) != num_experts:
+        raise ValueError(f"{block.where}: {router_name} has {router.shape[0]} rows, but "
+                         f"config.json says {configured} experts"
+                         + (f" (+ {identity} identity experts)" if identity else ""))
+    queue, _ = default_queue(device)
+    gate, up, down = _experts(block, convention, num_experts, queue)
+    if up.shape[0] < num_experts:
+        raise ValueError(f"{block.where}: {up.shape[0]} experts' weights for {num_experts} "
+                         "experts routed")
+    if identity and gate is not None and gate.shape[0] > num_experts:
+        gate, up = gate[:num_experts], up[:num_experts]  # LongCat stores unused rows
+    hidden = router.shape[1]
+    if up.shape[1] != hidden:
+        raise ValueError(f"{block.where}: the experts' input size {up.shape[1]} is not the "
+                         f"router's hidden size {hidden}")
+    options["activation"] = _activation(convention, config)
+    bias_name = block.first(CORRECTION_BIAS)
+    if bias_name is not None:
+        options["correction_bias"] = block[bias_name].reshape(-1).astype(np.float32)
+    if "router.bias" in block and family == "gpt_oss":
+        options["router_bias"] = block["router.bias"].astype(np.float32)
+    if "experts.gate_up_proj_bias" in block:
+        biases = block["experts.gate_up_proj_bias"]
+        options.update(gate_bias=biases[:, ::2], up_bias=biases[:, 1::2])
+    if "experts.down_proj_bias" in block:
+        options["down_bias"] = block["experts.down_proj_bias"]
+    if family == "jetmoe" and "bias" in block:
+        options["output_bias"] = block["bias"]
+    unsupported = sorted(n for n in block.names if n.endswith("_proj.bias") and "shared" in n
+                         or "latent_proj" in n)
+    if unsupported:
+        raise ValueError(f"{block.where}: {unsupported[0]} (shared expert biases, latent "
+                         "projections) is not supported")
+    options.update(_shared(block, sibling))
+    return MoELayer.from_numpy(router.T, gate, up, down, int(top_k),
+                               device=device if queue is None else queue,
+                               **{"renormalize": False, **options})
 
 
 def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: Any,
                     device: Any = None) -> MoELayer:
-    """An :class:`MoELayer` equal to a transformers MoE block of ``family`` (see above)."""
-    if family not in FAMILIES:
+    """An :class:`MoELayer` equal to a transformers MoE block of ``family``.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        state_dict: the block's tensors by the names of its module (``{name:
+            t.float().numpy()}``) or of its checkpoint; NumPy arrays (bf16 as
+            ``ml_dtypes.bfloat16``). A shared expert that sits beside the block in the
+            decoder layer (Granite-MoE-shared's ``shared_mlp``) is taken by its names with
+            the sibling's prefix (``shared_mlp.input_linear.weight``).
+        config: the transformers config (object or dict; config.json's keys).
+        device: where the layer computes.
+    """
+    names = list(state_dict)
+    block = _Block(lambda n: state_dict[n], names, "state_dict")
+    sibling_name = CONVENTIONS.get(family, CONVENTIONS["mixtral"]).sibling_shared
+    sibling = None
+    if sibling_name is not None:
+        prefix = sibling_name + "."
+        sibling = _Block(lambda n: state_dict[prefix + n],
+                         [n[len(prefix):] for n in names if n.startswith(prefix)], "state_dict")
+    return _build(family, block, config, device, sibling)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def _text_config(config: dict) -> dict:
+    """The language model's config (multimodal checkpoints nest it in text_config)."""
+    text = config.get("text_config")
+    return dict(text) if isinstance(text, Mapping) else config
+
+
+def family_of(config: Mapping) -> str:
+    """The family of a config.json (its ``model_type``)."""
+    model_type = _text_config(dict(config)).get("model_type", config.get("model_type"))
+    family = MODEL_TYPES.get(model_type, model_type)
+    if family not in CONVENTIONS:
+        raise ValueError(f"model_type {model_type!r} is not a supported MoE family "
+                         f"({', '.join(FAMILIES)})")
+    return family
+
+
+def moe_layers(config: Mapping) -> list[int]:
+    """The decoder layers that have an MoE block, as config.json says (dense layers by
+    ``first_k_dense_replace``, ``mlp_only_layers``/``decoder_sparse_step``,
+    ``moe_layers``/``interleave_moe_layer_step``, ``mlp_layer_types``, ``layers_block_type``,
+    ``num_dense_layers``, ``moe_layer_interval``/``_start_index``/``_end_index``)."""
+    c = _text_config(dict(config))
+    if c.get("mlp_layer_types") is not None:
+        return [i for i, kind in enumerate(c["mlp_layer_types"]) if kind == "sparse"]
+    if c.get("layers_block_type") is not None:
+        return [i for i, kind in enumerate(c["layers_block_type"]) if kind == "moe"]
+    if c.get("hybrid_override_pattern") is not None:
+        return [i for i, kind in enumerate(c["hybrid_override_pattern"]) if kind == "E"]
+    count = _first(c, ("num_hidden_layers", "n_layers", "num_layers"))
+    if count is None:
+        raise ValueError("config.json gives no number of layers (num_hidden_layers)")
+    count = int(count)
+    layers = range(count)
+    if c.get("moe_layers") is not None:
+        return sorted(int(i) for i in c["moe_layers"])
+    if c.get("interleave_moe_layer_step") is not None:
+        return list(range(int(c["interleave_moe_layer_step"]) - 1, count,
+                          int(c["interleave_moe_layer_step"])))
+    if c.get("moe_layer_interval") is not None:
+        start = int(c.get("moe_layer_start_index", 0))
+        end = int(c.get("moe_layer_end_index", -1))
+        end = count - 1 if end < 0 else end
+        return [i for i in layers if (i + 1) % int(c["moe_layer_interval"]) == 0
+                and start <= i <= end]
+    if c.get("decoder_sparse_step") is not None or c.get("mlp_only_layers") is not None:
+        step = int(c.get("decoder_sparse_step") or 1)
+        dense = set(c.get("mlp_only_layers") or ())
+        return [i for i in layers if i not in dense and (i + 1) % step == 0]
+    for key in ("first_k_dense_replace", "num_dense_layers"):
+        if c.get(key) is not None:
+            return [i for i in layers if i >= int(c[key])]
+    return list(layers)
+
+
+def _block_prefix(checkpoint: Checkpoint, layer: int, blocks: tuple[str, ...]) -> str:
+    """Where decoder layer ``layer``'s block lives: ``model.layers.{i}.mlp.``,
+    ``backbone.layers.{i}.mixer.``, ``transformer.blocks.{i}.ffn.``,
+    ``model.language_model.layers.{i}.mlp.``, ... (the shortest that has tensors)."""
+    pattern = re.compile(r"^(.*?\b(?:layers|blocks)\.%d\.)(\w+)\." % layer)
+    found = sorted({m.group(1) + m.group(2) + "." for n in checkpoint.names()
+                    if (m := pattern.match(n)) and m.group(2) in blocks}, key=len)
+    if not found:
+        raise CheckpointError(f"{checkpoint.path}: no {' or '.join(blocks)} tensors of decoder "
+                              f"layer {layer}")
+    return found[0]
+
+
+def from_pretrained(path: str | Checkpoint, layer: int, family: str | None = None,
+                    device: Any = None) -> MoELayer:
+    """The MoE block of decoder layer ``layer`` of the checkpoint directory ``path``.
+
+    Args:
+        path: a directory with config.json and ``model.safetensors`` (or
+            ``model.safetensors.index.json`` and its shards).
+        layer: the decoder layer (0-based); it must be an MoE layer (:func:`moe_layers`).
+        family: one of :data:`FAMILIES` (default: from config.json's ``model_type``).
+        device: where the layer computes (default device; NumPy reference without one).
+
+    Only that layer's tensors are read (memory-mapped); the experts go to the device one
+    matrix at a time, so building holds at most one expert's matrix besides the layer.
+    Errors (a :class:`~dpmoe.checkpoint.CheckpointError` or ``ValueError``) name the
+    file and tensor; nothing half-built is returned. No torch is imported.
+    """
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
+    config = checkpoint.config
+    family = family_of(config) if family is None else family
+    if family not in CONVENTIONS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    top_k = int(_get(config, "num_experts_per_tok"))
-    if family == "gpt_oss":
-        if "experts.gate_up_proj_blocks" in state_dict:  # MXFP4, as the checkpoint stores it
-            gate, up = quant.split_interleaved(quant.from_mxfp4_checkpoint(
-                _need(state_dict, "experts.gate_up_proj_blocks"),
-                _need(state_dict, "experts.gate_up_proj_scales")))
-            down = quant.from_mxfp4_checkpoint(_need(state_dict, "experts.down_proj_blocks"),
-                                               _need(state_dict, "experts.down_proj_scales"))
-        else:
-            gate, up, down = from_gate_up_proj(_need(state_dict, "experts.gate_up_proj"),
-                                               _need(state_dict, "experts.down_proj"))
-        biases = _need(state_dict, "experts.gate_up_proj_bias")
-        return MoELayer.from_numpy(
-            _need(state_dict, "router.weight").T, gate, up, down, top_k, device=device,
-            router_bias=_need(state_dict, "router.bias"), scoring="softmax_after_topk",
-            activation="swigluoai", alpha=float(_get(config, "swiglu_alpha", 1.702)),
-            limit=float(_get(config, "swiglu_limit", 7.0)), gate_bias=biases[:, ::2],
-            up_bias=biases[:, 1::2], down_bias=_need(state_dict, "experts.down_proj_bias"))
+    text = _text_config(config)
+    sparse = moe_layers(config)
+    if layer not in sparse:
+        raise ValueError(f"layer {layer} of {checkpoint.path} has no MoE block (MoE layers: "
+                         f"{sparse})")
+    convention = CONVENTIONS[family]
+    prefix = _block_prefix(checkpoint, layer, convention.blocks)
 
-    if "experts.0.gate_proj.weight_scale_inv" in state_dict:  # FP8 experts, one by one
-        gate, up, down = (_fp8_experts(state_dict, name)
-                          for name in ("gate_proj", "up_proj", "down_proj"))
-    else:
-        gate, up, down = from_w13(_need(state_dict, "experts.gate_up_proj"),
-                                  _need(state_dict, "experts.down_proj"))
-    router = _need(state_dict, "gate.weight").T
-    renormalize = True if family == "mixtral" else bool(_get(config, "norm_topk_prob", False))
-    options: dict[str, Any] = {}
-    if family == "qwen2_moe":
-        prefix = "shared_expert"
-        options["shared_expert_gate"] = _need(state_dict, "shared_expert_gate.weight").T
-    elif family == "deepseek_v3":
-        prefix = "shared_experts"
-        options.update(scoring="sigmoid", num_expert_group=int(_get(config, "n_group", 1)),
-                       topk_group=int(_get(config, "topk_group", 1)),
-                       correction_bias=_need(state_dict, "gate.e_score_correction_bias"),
-                       routed_scaling_factor=float(_get(config, "routed_scaling_factor", 1.0)))
-    else:
-        prefix = None
-    if prefix is not None and f"{prefix}.gate_proj.weight" in state_dict:
-        def shared(name: str) -> np.ndarray:
-            """[in, out] float; an FP8 shared expert (DeepSeek-V3's checkpoints) dequantised
-            to float32: dpmoe keeps the shared expert in float."""
-            weight = _need(state_dict, f"{prefix}.{name}.weight")
-            if f"{prefix}.{name}.weight_scale_inv" not in state_dict:
-                return weight.T
-            scales = _need(state_dict, f"{prefix}.{name}.weight_scale_inv")
-            return quant.from_fp8_checkpoint(_bytes(weight), scales).dequantize()[0]
+    def part(start: str) -> _Block:
+        return _Block(lambda n: checkpoint.tensor(start + n),
+                      [n[len(start):] for n in checkpoint.names(start)],
+                      f"{checkpoint.path}: {start}")
 
-        options.update(shared_gate_proj=shared("gate_proj"), shared_up_proj=shared("up_proj"),
-                       shared_down_proj=shared("down_proj"))
-    return MoELayer.from_numpy(router, gate, up, down, top_k, renormalize, device, **options)
+    sibling = None
+    if convention.sibling_shared:
+        layer_prefix = prefix[:prefix.rstrip(".").rindex(".") + 1]
+        sibling = part(f"{layer_prefix}{convention.sibling_shared}.")
+    return _build(family, part(prefix), text, device, sibling, layer)
+
+
+def all_from_pretrained(path: str, family: str | None = None, device: Any = None
+                        ) -> dict[int, MoELayer]:
+    """Every MoE block of the checkpoint directory ``path``: {decoder layer: MoELayer}
+    (dense layers skipped as config.json says; :func:`from_pretrained` for the rest)."""
+    checkpoint = Checkpoint(path)
+    return {i: from_pretrained(checkpoint, i, family, device)
+            for i in moe_layers(checkpoint.config)}

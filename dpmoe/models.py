@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import quant
-from .arrays import empty, float_kind, from_device, host_view, to_device
+from . import pages, quant
+from .arrays import empty, float_kind, from_device, host_view, to_device, view
 from .checkpoint import Checkpoint, CheckpointError
 from .device import default_queue
 from .layer import MoELayer
@@ -209,20 +209,40 @@ class _Block:
 
 
 def _stack(name: str, mats: list[np.ndarray], queue: Any) -> Any:
-    """E matrices (host views) as one [E, r, c] array: on ``queue``'s device, filled one
-    expert at a time (no host copy of the whole stack), or on the host without a device."""
+    """E matrices (host arrays or views) as one [E, r, c] array: on ``queue``'s device,
+    filled one expert at a time (no host copy of the whole stack), or on the host without a
+    device. A matrix that is the transpose of a contiguous one (a checkpoint's [out, in])
+    is copied as stored and transposed by a kernel (6-15x NumPy's transposing copy)."""
     shapes = {m.shape for m in mats}
     if len(shapes) != 1:
         raise ValueError(f"{name}: the experts' matrices differ in shape: {sorted(shapes)}")
     if queue is None:
         return np.stack(mats)
+    from .kernels.transpose import make_transpose_kernel, packing
+
     kind = float_kind(name, mats[0])
-    out = empty((len(mats),) + mats[0].shape, kind, queue)
-    in_place = host_view(out)  # CPU devices: write the device memory directly
+    (cols, rows), itemsize = shapes.pop(), mats[0].dtype.itemsize
+    out = empty((len(mats), cols, rows), kind, queue)
+    pages.advise(out)  # before the first touch: huge pages from the start
+    uint = np.dtype(f"u{itemsize}")
+    pack = packing(itemsize, rows)
+    words = view(out, (out.nbytes // (itemsize * pack),), np.dtype(f"u{itemsize * pack}"), 0)
+    staging = None
+    in_place = None
     for e, m in enumerate(mats):
-        bits = m.view(np.uint16) if m.dtype.itemsize == 2 else m
+        source = m.T
+        if source.flags.c_contiguous and m.size:
+            if staging is None:
+                staging = view(empty((m.size * itemsize // 2,), "bfloat16", queue), (m.size,),
+                               uint, 0)
+            staging.get_array().usm_data.copy_from_host(source.reshape(-1).view(np.uint8))
+            make_transpose_kernel(itemsize, pack)(staging, words, rows, cols,
+                                                  e * m.size // pack)
+            continue
+        if in_place is None:
+            in_place = host_view(out)  # CPU devices: write the device memory directly
         if in_place is not None:
-            in_place[e] = bits
+            in_place[e] = m.view(np.uint16) if itemsize == 2 else m
         else:
             out[e] = to_device(np.ascontiguousarray(m), queue)
     return from_device(out, kind, False)

@@ -1,0 +1,155 @@
+"""The safetensors reader (dpmoe.checkpoint) and from_pretrained's memory, without torch:
+checkpoints written here byte by byte, as the format's documentation describes them."""
+
+import json
+import struct
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dpmoe import memory, models
+from dpmoe.checkpoint import Checkpoint, CheckpointError
+
+NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+         np.dtype(np.float16): "F16", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+         np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32"}
+
+
+def write(path, tensors, header_edit=None, cut=0):
+    """A safetensors file of ``tensors``; ``header_edit`` may change the header dict,
+    ``cut`` drops bytes from the end."""
+    header, offset, blobs = {}, 0, []
+    for name, a in tensors.items():
+        data = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    if header_edit:
+        header_edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    body = struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    path.write_bytes(body[:len(body) - cut] if cut else body)
+
+
+def folder_with(tmp_path, tensors, config=None, **edit):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config or {"model_type": "olmoe"}))
+    write(tmp_path / "model.safetensors", tensors, **edit)
+    return tmp_path
+
+
+def test_tensors_come_back_bit_for_bit_read_only_and_mapped(tmp_path, rng):
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32),
+               "b": rng.standard_normal((4,)).astype(ml_dtypes.bfloat16),
+               "c": rng.standard_normal((2, 2)).astype(np.float16),
+               "d": rng.standard_normal((6,)).astype(ml_dtypes.float8_e4m3fn),
+               "e": np.zeros((0, 3), np.float32)}
+    checkpoint = Checkpoint(folder_with(tmp_path, tensors))
+    assert checkpoint.names() == sorted(tensors)
+    for name, want in tensors.items():
+        got = checkpoint.tensor(name)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+    assert not checkpoint.tensor("a").flags.writeable
+
+
+def test_sharded_checkpoints_follow_the_index(tmp_path, rng):
+    a, b = (rng.standard_normal((2, 3)).astype(np.float32) for _ in range(2))
+    write(tmp_path / "model-00001-of-00002.safetensors", {"x.a": a})
+    write(tmp_path / "model-00002-of-00002.safetensors", {"x.b": b})
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "x.a": "model-00001-of-00002.safetensors", "x.b": "model-00002-of-00002.safetensors"}}))
+    checkpoint = Checkpoint(tmp_path)
+    assert np.array_equal(checkpoint.tensor("x.b"), b) and "x.a" in checkpoint
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: the shard the "
+                                              "index names for 'x.b'"):
+        Checkpoint(tmp_path)
+
+
+def shifted(name, by):
+    def edit(header):
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [begin + by, end + by]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(cut=3), "tensor 'b': data .* runs past the end of the file"),
+    (dict(header_edit=shifted("b", -4)), "tensors 'a' and 'b' overlap"),
+    (dict(header_edit=lambda h: h["a"].update(shape=[2, 2])), "tensor 'a': 24 bytes for shape"),
+    (dict(header_edit=lambda h: h["a"].update(dtype="Q4")), "tensor 'a': unsupported dtype 'Q4'"),
+    (dict(header_edit=lambda h: h.update(a=[1, 2])), "tensor 'a': malformed header entry"),
+])
+def test_broken_files_are_named_with_their_tensor(tmp_path, edit, message):
+    tensors = {"a": np.ones((2, 3), np.float32), "b": np.ones((4,), np.float32)}
+    folder = folder_with(tmp_path, tensors, **edit)
+    with pytest.raises(CheckpointError, match="model.safetensors: " + message):
+        Checkpoint(folder)
+
+
+def test_truncated_headers_and_missing_pieces_are_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    with pytest.raises(CheckpointError, match="header length 10000 runs past the file"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"{ab}")
+    with pytest.raises(CheckpointError, match="the header is not JSON"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="truncated: 1 bytes"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: cannot read"):
+        Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        Checkpoint(tmp_path / "nothing")
+    folder = folder_with(tmp_path / "ok", {"a": np.ones(2, np.float32)})
+    with pytest.raises(CheckpointError, match="no tensor 'b' in the checkpoint"):
+        Checkpoint(folder).tensor("b")
+
+
+def olmoe_checkpoint(folder, num_experts, hidden, inter, dtype, rng, layers=1):
+    """An OLMoE-style checkpoint, experts one tensor each ([out, in], x @ W^T)."""
+    tensors = {}
+    for i in range(layers):
+        p = f"model.layers.{i}.mlp."
+        tensors[p + "gate.weight"] = rng.standard_normal((num_experts, hidden)).astype(dtype)
+        for e in range(num_experts):
+            for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                ("down_proj", (hidden, inter))):
+                tensors[f"{p}experts.{e}.{name}.weight"] = (
+                    rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(dtype)
+    config = {"model_type": "olmoe", "num_hidden_layers": layers, "num_experts": num_experts,
+              "num_experts_per_tok": 2, "hidden_size": hidden, "intermediate_size": inter}
+    return folder_with(folder, tensors, config)
+
+
+def test_building_a_large_layer_holds_at_most_one_expert_matrix_on_the_host(tmp_path, rng):
+    num_experts, hidden, inter = 16, 1024, 2048  # 201 MB of bf16 experts
+    folder = olmoe_checkpoint(tmp_path, num_experts, hidden, inter, ml_dtypes.bfloat16, rng)
+    expert_bytes = 3 * num_experts * hidden * inter * 2
+    assert expert_bytes >= 200e6
+    matrix = hidden * inter * 2
+    tracemalloc.start()
+    try:
+        with memory.track_allocations() as device:
+            layer = models.from_pretrained(folder, 0)
+        _, host_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert host_peak <= matrix, (host_peak, matrix)
+    if layer.device is not None:  # the experts once, plus one matrix staged for its transpose
+        assert sum(device) <= expert_bytes + matrix + 1e6, (sum(device), expert_bytes)
+    x = rng.standard_normal((3, hidden)).astype(ml_dtypes.bfloat16)
+    want = layer.reference(x).astype(np.float32)
+    got = layer(x).astype(np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

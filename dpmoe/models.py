@@ -208,11 +208,12 @@ class _Block:
         return count
 
 
-def _stack(name: str, mats: list[np.ndarray], queue: Any) -> Any:
+def _stack(name: str, mats: list[np.ndarray], queue: Any, scratch: dict) -> Any:
     """E matrices (host arrays or views) as one [E, r, c] array: on ``queue``'s device,
     filled one expert at a time (no host copy of the whole stack), or on the host without a
     device. A matrix that is the transpose of a contiguous one (a checkpoint's [out, in])
-    is copied as stored and transposed by a kernel (6-15x NumPy's transposing copy)."""
+    is copied as stored and transposed by a kernel (6-15x NumPy's transposing copy),
+    through one staging buffer that the stacks of a block share (``scratch``)."""
     shapes = {m.shape for m in mats}
     if len(shapes) != 1:
         raise ValueError(f"{name}: the experts' matrices differ in shape: {sorted(shapes)}")
@@ -227,14 +228,13 @@ def _stack(name: str, mats: list[np.ndarray], queue: Any) -> Any:
     uint = np.dtype(f"u{itemsize}")
     pack = packing(itemsize, rows)
     words = view(out, (out.nbytes // (itemsize * pack),), np.dtype(f"u{itemsize * pack}"), 0)
-    staging = None
     in_place = None
     for e, m in enumerate(mats):
         source = m.T
         if source.flags.c_contiguous and m.size:
-            if staging is None:
-                staging = view(empty((m.size * itemsize // 2,), "bfloat16", queue), (m.size,),
-                               uint, 0)
+            if scratch.get("bytes", 0) < m.nbytes:
+                scratch.update(bytes=m.nbytes, buffer=empty((m.nbytes // 2,), "bfloat16", queue))
+            staging = view(scratch["buffer"], (m.size,), uint, 0)
             staging.get_array().usm_data.copy_from_host(source.reshape(-1).view(np.uint8))
             make_transpose_kernel(itemsize, pack)(staging, words, rows, cols,
                                                   e * m.size // pack)
@@ -251,6 +251,7 @@ def _stack(name: str, mats: list[np.ndarray], queue: Any) -> Any:
 def _experts(block: _Block, convention: Convention, num_experts: int | None, queue: Any
              ) -> tuple[Any, Any, Any]:
     """(gate or None, up [E, H, I], down [E, I, H]) of the block."""
+    scratch: dict = {}
     fp8 = "experts.0.gate_proj.weight_scale_inv" in block
     if fp8 or "experts.gate_up_proj_blocks" in block:
         return _quantized_experts(block, fp8)
@@ -264,9 +265,9 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
                 raise ValueError(f"{block.where}: experts.0.{down_name}.weight without "
                                  f"experts.0.{up_name}.weight")
             gate = mats.get(gate_name)
-            return (None if gate is None else _stack(f"experts.{gate_name}", gate, queue),
-                    _stack(f"experts.{up_name}", mats[up_name], queue),
-                    _stack(f"experts.{down_name}", mats[down_name], queue))
+            return (None if gate is None else _stack(f"experts.{gate_name}", gate, queue, scratch),
+                    _stack(f"experts.{up_name}", mats[up_name], queue, scratch),
+                    _stack(f"experts.{down_name}", mats[down_name], queue, scratch))
     if "experts.mlp.w1" in block:  # DBRX: [E * I, H] each; w2 is used as h @ w2_e
         w1, v1, w2 = (block[f"experts.mlp.{n}"] for n in ("w1", "v1", "w2"))
         if num_experts is None or w1.shape[0] % num_experts:
@@ -274,13 +275,13 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
                              f"{num_experts} experts")
         inter = w1.shape[0] // num_experts
         part = lambda w, e: w[e * inter:(e + 1) * inter]  # noqa: E731
-        return (_stack("experts.mlp.w1", [part(w1, e).T for e in range(num_experts)], queue),
-                _stack("experts.mlp.v1", [part(v1, e).T for e in range(num_experts)], queue),
-                _stack("experts.mlp.w2", [part(w2, e) for e in range(num_experts)], queue))
+        return (_stack("experts.mlp.w1", [part(w1, e).T for e in range(num_experts)], queue, scratch),
+                _stack("experts.mlp.v1", [part(v1, e).T for e in range(num_experts)], queue, scratch),
+                _stack("experts.mlp.w2", [part(w2, e) for e in range(num_experts)], queue, scratch))
     if "experts.up_proj" in block and "experts.gate_up_proj" not in block:  # fused, not gated
         up, down = block["experts.up_proj"], block["experts.down_proj"]
-        return (None, _stack("experts.up_proj", [w.T for w in up], queue),
-                _stack("experts.down_proj", [w.T for w in down], queue))
+        return (None, _stack("experts.up_proj", [w.T for w in up], queue, scratch),
+                _stack("experts.down_proj", [w.T for w in down], queue, scratch))
     names = next(((a, b) for a, b in FUSED if a in block), None)
     if names is None:
         raise ValueError(f"{block.where}: no expert tensors found (looked for "
@@ -298,9 +299,9 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
         gates, ups = gate_up[:, 0::2], gate_up[:, 1::2]
     else:
         gates, ups = gate_up[:, :inter], gate_up[:, inter:]
-    return (_stack(names[0], [w.T for w in gates], queue),
-            _stack(names[0], [w.T for w in ups], queue),
-            _stack(names[1], [w.T for w in down], queue))
+    return (_stack(names[0], [w.T for w in gates], queue, scratch),
+            _stack(names[0], [w.T for w in ups], queue, scratch),
+            _stack(names[1], [w.T for w in down], queue, scratch))
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ class MoELayer:
 
     # the keyword options of from_numpy
     OPTIONS = ("router_bias", "scoring", "num_expert_group", "topk_group", "correction_bias",
-               "routed_scaling_factor", "epsilon", "activation", "alpha", "limit", "gate_bias",
+               "routed_scaling_factor", "epsilon", "jitter_eps", "activation", "alpha", "limit", "gate_bias",
                "up_bias", "down_bias", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
                "shared_expert_gate", "identity_experts", "weights_on_input", "output_bias",
                "held_experts")
@@ -98,7 +98,7 @@ class MoELayer:
         used in place).
 
         Keyword options: ``router_bias`` [E]; ``scoring`` ("softmax", "softmax_after_topk",
-        "sigmoid"); ``num_expert_group``, ``topk_group``, ``correction_bias`` [E],
+        "sigmoid", "sparsemixer" with ``jitter_eps``, PhiMoE); ``num_expert_group``, ``topk_group``, ``correction_bias`` [E],
         ``routed_scaling_factor`` (grouped routing, :func:`dpmoe.grouped_topk`'s rules);
         ``epsilon`` added to the sum that renormalizes (default: 1e-20 for grouped/sigmoid
         routing, else 0); ``activation``, ``alpha``, ``limit``, ``gate_bias``/``up_bias``
@@ -123,7 +123,8 @@ class MoELayer:
 
     def _setup(self, router, gate, up, down, top_k, renormalize, device, *, router_bias=None,
                scoring="softmax", num_expert_group=1, topk_group=1, correction_bias=None,
-               routed_scaling_factor=1.0, epsilon=None, activation="silu", alpha=1.702,
+               routed_scaling_factor=1.0, epsilon=None, jitter_eps=0.0, activation="silu",
+               alpha=1.702,
                limit=7.0, gate_bias=None, up_bias=None, down_bias=None, shared_gate_proj=None,
                shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
                identity_experts=0, weights_on_input=False, output_bias=None,
@@ -157,7 +158,7 @@ class MoELayer:
         self.held_experts = validation.held_experts(held_experts, num_held, num_experts)
         self.routing: RoutingSpec = routing_spec(
             num_experts + identity, top_k, renormalize, scoring, num_expert_group, topk_group,
-            correction_bias, routed_scaling_factor, epsilon)
+            correction_bias, routed_scaling_factor, epsilon, jitter_eps)
         if router_bias is not None:
             validation.routing_weights("router_bias", router_bias, (num_experts + identity,),
                                        "[E]")
@@ -295,7 +296,8 @@ class MoELayer:
         return dict(given, gate=given.get("gate"), top_k=r.top_k, renormalize=r.renormalize,
                     scoring=r.scoring, num_expert_group=r.num_expert_group,
                     topk_group=r.topk_group, routed_scaling_factor=r.routed_scaling_factor,
-                    epsilon=r.epsilon, activation=self.activation, alpha=self._alpha,
+                    epsilon=r.epsilon, jitter_eps=r.jitter_eps, activation=self.activation,
+                    alpha=self._alpha,
                     limit=self._limit, identity_experts=self.identity_experts,
                     weights_on_input=self.weights_on_input,
                     held_experts=None if self._expert_map is None else self.held_experts)
@@ -329,7 +331,8 @@ class MoELayer:
         return reference.moe_block(
             to_host(hidden_states), h, r.top_k, r.renormalize, r.scoring, r.num_expert_group,
             r.topk_group, r.routed_scaling_factor, self.activation, self._alpha, self._limit,
-            self._expert_map, epsilon=r.epsilon, identity_experts=self.identity_experts,
+            self._expert_map, epsilon=r.epsilon, jitter_eps=r.jitter_eps,
+            identity_experts=self.identity_experts,
             weights_on_input=self.weights_on_input)
 
     def route(self, hidden_states: Any) -> tuple[Any, Any]:

@@ -147,6 +147,8 @@ CONVENTIONS: dict[str, Convention] = {
         identity_experts=int(_get(c, "zero_expert_num", 0)))),
     "llama4": Convention(("feed_forward",), lambda c: dict(
         scoring="sigmoid", renormalize=False, weights_on_input=True), x_at_w=True),
+    "phimoe": Convention(("block_sparse_moe", "mlp"), lambda c: dict(
+        scoring="sparsemixer", jitter_eps=float(_get(c, "router_jitter_noise", 0.01)))),
     "gpt_oss": Convention(("mlp",), lambda c: dict(
         scoring="softmax_after_topk", alpha=float(_get(c, "swiglu_alpha", 1.702)),
         limit=float(_get(c, "swiglu_limit", 7.0))), "swigluoai", x_at_w=True, interleaved=True),
@@ -365,6 +367,8 @@ def _build(family: str, block: _Block, config: Any, device: Any,
     top_k = _first(config, ("num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k"))
     if isinstance(top_k, (list, tuple)):  # Hunyuan: one per layer
         top_k = top_k[0 if layer is None else layer]
+    if options.get("scoring") == "sparsemixer":
+        top_k = 2  # PhiMoE's SparseMixer picks two, whatever num_experts_per_tok says
     if top_k is None:
         raise ValueError(f"{family}: the config names no num_experts_per_tok")
     router_name = block.first(ROUTER)

@@ -77,6 +77,27 @@ def topk_sigmoid(
                         1.0, _epsilon=F32(0))
 
 
+def sparsemixer(gating_logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's SparseMixer routing at inference: top-2, each pick weighted by a softmax over
+    the logits s_j with ``(m - s_j) / max(|s_j|, m) <= 2 * jitter_eps`` (m the pick's
+    logit; the first pick is left out of the second softmax); not renormalized."""
+    logits = _f32(gating_logits)
+    threshold = F32(2 * jitter_eps)
+    ids = _top(logits, 2)
+    weights = np.empty(ids.shape, F32)
+    for t in range(logits.shape[0]):
+        s = logits[t]
+        for j in range(2):
+            best = s[ids[t, j]]
+            factor = np.maximum(np.abs(s), best)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                keep = ~((best - s) / factor > threshold)
+            if j == 1:
+                keep[ids[t, 0]] = False
+            weights[t, j] = F32(1) / np.exp(s[keep] - best).sum(dtype=F32)
+    return weights, ids
+
+
 def grouped_topk(
     gating_logits: np.ndarray, top_k: int, num_expert_group: int, topk_group: int,
     renormalize: bool = True, scoring_func: str = "softmax",
@@ -286,16 +307,19 @@ def fused_moe_forward(
 def route_block(
     hidden_states: np.ndarray, w: dict, top_k: int, renormalize: bool, scoring: str,
     num_expert_group: int, topk_group: int, routed_scaling_factor: float,
-    epsilon: float | None = None,
+    epsilon: float | None = None, jitter_eps: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The routing of :class:`dpmoe.MoELayer`: logits = x @ router (+ router_bias), then
-    softmax top-k, softmax after top-k, or grouped top-k (sigmoid, groups, bias, scaling);
+    softmax top-k, softmax after top-k, SparseMixer, or grouped top-k (sigmoid, groups,
+    bias, scaling);
     ``epsilon`` (None: 1e-20 for the grouped kinds, else 0) is added to the renormalizing sum."""
     logits = _f32(hidden_states) @ _f32(w["router"])
     if w.get("router_bias") is not None:
         logits = logits + _f32(w["router_bias"])
     deepseek = (scoring == "sigmoid" or num_expert_group > 1 or routed_scaling_factor != 1.0
                 or w.get("correction_bias") is not None)
+    if scoring == "sparsemixer":
+        return sparsemixer(logits, jitter_eps)
     if epsilon is None:
         epsilon = 1e-20 if deepseek else 0.0
     if not (deepseek or epsilon):
@@ -325,7 +349,7 @@ def moe_block(
     scoring: str = "softmax", num_expert_group: int = 1, topk_group: int = 1,
     routed_scaling_factor: float = 1.0, activation: str = "silu", alpha: float = 1.702,
     limit: float = 7.0, expert_map: np.ndarray | None = None, *, epsilon: float | None = None,
-    identity_experts: int = 0, weights_on_input: bool = False,
+    jitter_eps: float = 0.0, identity_experts: int = 0, weights_on_input: bool = False,
 ) -> np.ndarray:
     """A whole MoE block (see :class:`dpmoe.MoELayer`): routing, routed experts with their
     activation and biases, plus the shared expert (gated by sigmoid(x @ shared_expert_gate)
@@ -335,7 +359,7 @@ def moe_block(
     ids >= E add ``weight * x``. ``weights_on_input``: each slot's expert runs on
     ``weight * x`` (rounded to the input's dtype) and slots add unweighted (Llama 4)."""
     weights, ids = route_block(hidden_states, w, top_k, renormalize, scoring, num_expert_group,
-                               topk_group, routed_scaling_factor, epsilon)
+                               topk_group, routed_scaling_factor, epsilon, jitter_eps)
     x = _f32(hidden_states)
     num_experts = w["up"].shape[0] if expert_map is None else len(expert_map)
     routed_map = expert_map

@@ -4,7 +4,9 @@ Three conventions, all with ties going to the smaller expert index:
 - :func:`topk_softmax`: softmax over all experts, then top-k (Mixtral, Qwen-MoE, OLMoE), or
   ``scoring="softmax_after_topk"``: top-k logits, then softmax over those k (GPT-OSS);
 - :func:`topk_sigmoid`: sigmoid scores, optional selection bias;
-- :func:`grouped_topk`: best expert groups first, then experts inside them (DeepSeek-V3).
+- :func:`grouped_topk`: best expert groups first, then experts inside them (DeepSeek-V3);
+- ``scoring="sparsemixer"`` (PhiMoE, :class:`dpmoe.MoELayer` only): two picks, each
+  weighted by a softmax over the logits near it (:func:`dpmoe.reference.sparsemixer`).
 
 Each is a :class:`RoutingSpec`, validated once by :func:`routing_spec`; :func:`route` is the
 only launcher of the routing kernels (the public functions and :class:`dpmoe.MoELayer` go
@@ -24,7 +26,7 @@ from ._dispatch import call, host
 from ._engine.convert import weights_to_device
 from .arrays import empty, flat, to_device
 
-SCORINGS = ("softmax", "softmax_after_topk", "sigmoid")
+SCORINGS = ("softmax", "softmax_after_topk", "sigmoid", "sparsemixer")
 # vLLM's grouped top-k renormalizes by sum + 1e-20 (no 0/0 for tokens of tiny scores).
 GROUPED_EPSILON = 1e-20
 # The grouped kernel keeps the chosen groups as bits of a 64-bit mask.
@@ -44,18 +46,21 @@ class RoutingSpec:
     has_correction_bias: bool = False  # chosen by score + bias, weighted by the score
     routed_scaling_factor: float = 1.0  # multiplies the weights once
     epsilon: float = 0.0  # renormalization divides by sum + epsilon
+    jitter_eps: float = 0.0  # sparsemixer: logits within 2 * jitter_eps (relative) share
 
     @property
     def grouped(self) -> bool:
         """Whether the grouped top-k kernel (scores, groups, bias, scale, epsilon) runs it;
-        plain softmax routing takes the softmax kernel."""
-        return not (self.scoring in ("softmax", "softmax_after_topk")
+        plain softmax routing takes the softmax kernel, sparsemixer its own."""
+        return not (self.scoring in ("softmax", "softmax_after_topk", "sparsemixer")
                     and self.num_expert_group == 1 and not self.has_correction_bias
                     and self.routed_scaling_factor == 1.0 and self.epsilon == 0.0)
 
     def reference(self, logits: np.ndarray, correction_bias: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
         """The NumPy oracle of this routing on host ``logits`` [T, E]."""
+        if self.scoring == "sparsemixer":
+            return reference.sparsemixer(logits, self.jitter_eps)
         if not self.grouped:
             return reference.topk_softmax(logits, self.top_k, self.renormalize, self.scoring)
         return reference.grouped_topk(
@@ -66,7 +71,8 @@ class RoutingSpec:
 
 def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring: Any = "softmax",
                  num_expert_group: Any = 1, topk_group: Any = 1, correction_bias: Any = None,
-                 routed_scaling_factor: Any = 1.0, epsilon: float | None = None) -> RoutingSpec:
+                 routed_scaling_factor: Any = 1.0, epsilon: float | None = None,
+                 jitter_eps: Any = 0.0) -> RoutingSpec:
     """Validates a routing convention (errors name the argument); ``correction_bias`` is
     checked for shape [E] and finiteness. ``epsilon`` None: DeepSeek's (1e-20) for sigmoid
     scoring, groups, a bias or a scale, else 0."""
@@ -92,16 +98,23 @@ def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring
             raise ValueError("correction_bias needs at least 2 experts per group (a group "
                              "scores the sum of its two best biased scores)")
     has_bias = correction_bias is not None
-    if scoring == "softmax_after_topk" and (num_groups > 1 or has_bias or scale != 1.0):
-        raise ValueError("scoring='softmax_after_topk' takes no groups, correction_bias or "
+    if scoring in ("softmax_after_topk", "sparsemixer") and (num_groups > 1 or has_bias
+                                                            or scale != 1.0):
+        raise ValueError(f"scoring={scoring!r} takes no groups, correction_bias or "
                          "routed_scaling_factor")
+    jitter = validation.finite_number("jitter_eps", jitter_eps)
+    if jitter < 0:
+        raise ValueError(f"jitter_eps must be >= 0, got {jitter_eps!r}")
+    if scoring == "sparsemixer" and (top_k != 2 or renormalize):
+        raise ValueError("scoring='sparsemixer' picks exactly two experts (top_k=2) and does "
+                         f"not renormalize, got top_k={top_k}, renormalize={renormalize}")
     if epsilon is None:
         deepseek = scoring == "sigmoid" or num_groups > 1 or has_bias or scale != 1.0
         epsilon = GROUPED_EPSILON if deepseek else 0.0
     elif validation.finite_number("epsilon", epsilon) < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
     return RoutingSpec(num_experts, top_k, bool(renormalize), scoring, num_groups, topk_group,
-                       has_bias, scale, float(epsilon))
+                       has_bias, scale, float(epsilon), float(jitter))
 
 
 def route(spec: RoutingSpec, logits: Any, kind: str, correction_bias: Any = None
@@ -109,13 +122,18 @@ def route(spec: RoutingSpec, logits: Any, kind: str, correction_bias: Any = None
     """``spec``'s routing of finite device ``logits`` [T, E] in storage form ``kind`` ->
     (weights [T, k] float32, ids [T, k] int32) on the logits' queue; ``correction_bias``
     a float32 device array [E] when the spec has one."""
-    from .kernels.routing import make_grouped_topk_kernel, make_topk_softmax_kernel
+    from .kernels.routing import (make_grouped_topk_kernel, make_sparsemixer_kernel,
+                                  make_topk_softmax_kernel)
 
     num_tokens = logits.shape[0]
     queue = logits.sycl_queue
     weights = empty((num_tokens, spec.top_k), "float32", queue)
     ids = empty((num_tokens, spec.top_k), "int32", queue)
     if num_tokens == 0:
+        return weights, ids
+    if spec.scoring == "sparsemixer":
+        make_sparsemixer_kernel(kind)(flat(logits), flat(weights), flat(ids), num_tokens,
+                                      spec.num_experts, spec.jitter_eps)
         return weights, ids
     if not spec.grouped:
         make_topk_softmax_kernel(kind, spec.scoring == "softmax_after_topk")(

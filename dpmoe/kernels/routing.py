@@ -199,3 +199,58 @@ def make_grouped_topk_kernel(logits_kind: str, use_sigmoid: bool, has_bias: bool
         )
 
     return launch
+
+
+@lru_cache(maxsize=None)
+def make_sparsemixer_kernel(logits_kind: str):
+    """PhiMoE's SparseMixer at inference: two picks; each weighted by a softmax over the
+    logits within a relative distance ``2 * jitter_eps`` of that pick (the first pick left
+    out of the second's softmax), not renormalized."""
+    load = loader(logits_kind)
+
+    @dpex.device_func
+    def masked_softmax_at(logits, base, num_experts, best, skip, threshold):
+        """1 / sum of exp(logit - best) over the experts not masked (nor ``skip``): the
+        softmax weight of the expert whose logit is ``best``."""
+        total = np.float32(0.0)
+        for e in range(num_experts):
+            v = load(logits, base + e)
+            factor = max(abs(v), best)
+            # factor 0 means v = 0 and best <= 0: never masked (torch: -inf or NaN > t)
+            masked = factor > 0 and (best - v) / factor > threshold
+            if e != skip and not masked:
+                total += math.exp(v - best)
+        return np.float32(1.0) / total
+
+    @dpex.kernel
+    def sparsemixer_kernel(
+        item: kapi.Item,
+        logits,  # IN  (T * E) any float kind
+        weights,  # OUT (T * 2) float32
+        ids,  # OUT (T * 2) int32
+        num_experts,
+        threshold,  # 2 * jitter_eps
+    ):
+        t = item.get_id(0)
+        base = t * num_experts
+        prev_value = np.float32(np.inf)
+        prev_index = -1
+        for j in range(2):
+            best_value = np.float32(-np.inf)
+            best_index = -1
+            for e in range(num_experts):
+                v = load(logits, base + e)
+                if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
+                    best_value = v
+                    best_index = e
+            weights[t * 2 + j] = masked_softmax_at(logits, base, num_experts, best_value,
+                                                   prev_index, threshold)
+            ids[t * 2 + j] = best_index
+            prev_value = best_value
+            prev_index = best_index
+
+    def launch(logits, weights, ids, num_tokens, num_experts, jitter_eps):
+        call(sparsemixer_kernel, dpex.Range(num_tokens), logits, weights, ids, num_experts,
+             np.float32(2 * jitter_eps))
+
+    return launch

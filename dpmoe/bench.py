@@ -52,7 +52,7 @@ from .configs import MODEL_CONFIGS, describe
 from .arrays import HOST_DTYPE, to_device
 from .tuning import PATHS, DefaultConfigWarning, user_config_dir
 
-TESTS = ("moe", "silu", "align", "routing", "overhead", "ep")
+TESTS = ("moe", "silu", "align", "routing", "overhead", "ep", "load")
 WARMUP = 2
 REFERENCE_MAX_TOKENS = 16
 REFERENCE_MAX_REPEATS = 3  # the reference takes up to a second a call
@@ -593,6 +593,104 @@ def run_ep(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_checkpoint(folder: Path, config: str, dtype: str, seed: int = 0) -> Path:
+    """One OLMoE-style MoE layer of ``config``'s shapes as a safetensors checkpoint (experts
+    one [out, in] tensor each, as the Hugging Face checkpoints store them), in ``folder``."""
+    hidden, inter, experts, top_k = MODEL_CONFIGS[config]
+    rng = np.random.default_rng(seed)
+    stored = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    p = "model.layers.0.mlp."
+    shapes = {p + "gate.weight": (experts, hidden)}
+    for e in range(experts):
+        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                            ("down_proj", (hidden, inter))):
+            shapes[f"{p}experts.{e}.{name}.weight"] = shape
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * HOST_DTYPE[dtype].itemsize
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, shape in shapes.items():  # one tensor at a time: no whole copy in memory
+            values = rng.standard_normal(shape, dtype=np.float32) / np.float32(shape[1] ** 0.5)
+            f.write(values.astype(HOST_DTYPE[dtype]).tobytes())
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "olmoe", "num_hidden_layers": 1, "hidden_size": hidden,
+        "intermediate_size": inter, "num_experts": experts, "num_experts_per_tok": top_k}))
+    return folder
+
+
+def bench_load(folder: Path, layer: int, repeats: int, label: dict) -> dict:
+    """Building one layer with :func:`dpmoe.models.from_pretrained` (warm page cache) against
+    a plain read of the same tensors' bytes into fresh NumPy arrays."""
+    import gc
+
+    from . import models
+    from .checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    prefix = f"layers.{layer}."
+    names = [n for n in checkpoint.names() if prefix in n and ".experts." in n]
+    spans = [checkpoint.location(name) for name in names]  # (file, offset, bytes)
+    total = sum(n for _, _, n in spans)
+
+    def plain_read() -> None:
+        for path, offset, size in spans:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset)
+                f.readinto(np.empty(size, np.uint8))
+
+    def load() -> None:
+        built = models.from_pretrained(folder, layer)
+        built.queue.wait()
+        del built
+        gc.collect()
+
+    row = dict(label, test="load", MB=total / 1e6)
+    read = record(row, "read_ms", sample_times(plain_read, repeats))
+    built = record(row, "load_ms", sample_times(load, repeats))
+    row["read_GBps"] = total / read / 1e6
+    row["load_GBps"] = total / built / 1e6
+    row["load_vs_read_pct"] = 100 * read / built
+    return row
+
+
+def run_load(args: argparse.Namespace) -> int:
+    """``--test load``: a checkpoint per --config and --dtype written to a temporary folder
+    (or --checkpoint), then loaded."""
+    import tempfile
+
+    about = info()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dpmoe-bench-") as scratch:
+        if args.checkpoint:
+            rows.append(bench_load(Path(args.checkpoint), args.layer, args.repeats,
+                                   {"config": Path(args.checkpoint).name, "dtype": "as stored"}))
+        else:
+            for config in args.config:
+                for dtype in args.dtype:
+                    folder = write_checkpoint(Path(scratch) / f"{config}-{dtype}", config, dtype)
+                    rows.append(bench_load(folder, 0, args.repeats,
+                                           {"config": config, "dtype": dtype}))
+                    for file in folder.iterdir():
+                        file.unlink()
+    print(f"device: {machine_description(about['device'], about['filter_string'])}")
+    print(f"test load: one MoE layer's experts, ms per build (from_pretrained) and per plain "
+          f"read of the same bytes into fresh arrays, median (min-max) of {args.repeats} after "
+          f"{WARMUP} warm-up (page cache warm)")
+    print_table(rows)
+    out = Path(args.json).resolve()
+    with open(out, "w") as f:
+        json.dump({"test": "load", "argv": sys.argv[1:], "cpu": cpu_info(),
+                   "device": about["device"], "repeats": args.repeats, "rows": rows}, f, indent=1)
+    print(f"wrote JSON: {out}")
+    return 0
+
+
 def tune(config: str, dtype: str, token_counts: list[int], repeats: int,
          directory: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Measure both paths at each token count; save the faster per count through
@@ -676,7 +774,8 @@ TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "replies", "plan", "dpmoe
                  "reference_ms", "GFLOPs", "bytes_per_weight", "GBps", "roofline_pct",
                  "speedup_vs_torch", "speedup_vs_bf16", "ep_ms",
                  "tokens_per_s", "alltoall_pct", "experts_pct", "route_combine_pct",
-                 "bytes_per_token")
+                 "bytes_per_token", "MB", "read_ms", "load_ms", "read_GBps", "load_GBps",
+                 "load_vs_read_pct")
 # the moe table reports the faster path as dpmoe_ms (the JSON and the plot keep each path)
 HIDDEN_IN_MOE_TABLE = ("grouped_ms", "per_token_ms")
 # (column, label) of the lines of the plot, dpmoe's first
@@ -817,7 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what to time: moe = dpmoe's experts against the baselines; "
                              "silu, align, routing = one stage; overhead = the host cost of a "
                              "call, each path and a whole MoELayer call (use --config tiny); "
-                             "ep = an expert-parallel layer over the ranks of `mpiexec -n N`")
+                             "ep = an expert-parallel layer over the ranks of `mpiexec -n N`; "
+                             "load = building a layer from a safetensors checkpoint against a "
+                             "plain read of its bytes")
     parser.add_argument("--config", nargs="+", choices=list(MODEL_CONFIGS),
                         default=[c for c in MODEL_CONFIGS if c != "tiny"], metavar="CONFIG",
                         help="model shapes to run, any of: " + ", ".join(MODEL_CONFIGS))
@@ -845,6 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replies", nargs="+", default=["float32"], choices=["float32", "tokens"],
                         help="--test ep: the dtype expert outputs travel back in (float32: "
                              "bit-identical to one process; tokens: the tokens' dtype)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="--test load: time this checkpoint directory (its --layer) instead "
+                             "of checkpoints written for --config and --dtype")
+    parser.add_argument("--layer", type=int, default=0,
+                        help="--test load with --checkpoint: the decoder layer to build")
     parser.add_argument("--tune", action="store_true",
                         help="instead of benchmarking, measure both execution paths at each "
                              "--tokens count and write the faster per count as this device's "
@@ -906,6 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_tune(args)
     if args.test == "ep":
         return run_ep(args)
+    if args.test == "load":
+        return run_load(args)
     torch = _torch()
     machine = machine_description(about["device"], about["filter_string"])
     points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]

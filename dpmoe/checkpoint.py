@@ -66,8 +66,8 @@ class _File:
             if not isinstance(header, dict):
                 raise CheckpointError(f"{path}: the header is not a JSON object")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self._start = 8 + length
-        data_size = size - self._start
+        self.start = 8 + length
+        data_size = size - self.start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             if name == "__metadata__":
@@ -105,7 +105,7 @@ class _File:
         if begin == end:
             return np.empty(shape, dtype)
         return np.frombuffer(self._map, dtype, (end - begin) // dtype.itemsize,
-                             self._start + begin).reshape(shape)
+                             self.start + begin).reshape(shape)
 
 
 class Checkpoint:
@@ -165,13 +165,21 @@ class Checkpoint:
         """The tensor names that start with ``prefix``, sorted."""
         return sorted(n for n in self._where if n.startswith(prefix))
 
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor ``name``, read-only, mapped from its file."""
+    def _entry(self, name: str) -> tuple[_File, tuple]:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
-        shard = self._where[name]
-        file = self._file(shard)
+        file = self._file(self._where[name])
         if name not in file.entries:
             raise CheckpointError(f"{file.path}: tensor {name!r} is missing from the file "
                                   "(the index names this shard for it)")
+        return file, file.entries[name]
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor ``name``, read-only, mapped from its file."""
+        file, _ = self._entry(name)
         return file.tensor(name)
+
+    def location(self, name: str) -> tuple[str, int, int]:
+        """(file path, byte offset in the file, byte count) of tensor ``name``'s data."""
+        file, (_, _, begin, end) = self._entry(name)
+        return file.path, file.start + begin, end - begin

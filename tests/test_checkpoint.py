@@ -156,3 +156,54 @@ def test_building_a_large_layer_holds_at_most_one_expert_matrix_on_the_host(tmp_
     want = layer.reference(x).astype(np.float32)
     got = layer(x).astype(np.float32)
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+def test_quantized_checkpoints_load_as_stored(tmp_path, rng):
+    """DeepSeek-V3's FP8 experts (F8_E4M3 + weight_scale_inv per expert) and GPT-OSS's MXFP4
+    (U8 blocks and e8m0 scales), read from files without dequantising."""
+    from dpmoe import quant
+
+    num_experts, hidden, inter = 4, 64, 160  # inter: a partial 128-block
+    p = "model.layers.1.mlp."
+    tensors = {p + "gate.weight": rng.standard_normal((num_experts, hidden)).astype(np.float32),
+               p + "gate.e_score_correction_bias": rng.standard_normal(num_experts).astype(np.float32)}
+    for e in range(num_experts):
+        for name, (rows, cols) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                   ("down_proj", (hidden, inter))):
+            tensors[f"{p}experts.{e}.{name}.weight"] = (
+                rng.standard_normal((rows, cols)) * 0.2).astype(ml_dtypes.float8_e4m3fn)
+            tensors[f"{p}experts.{e}.{name}.weight_scale_inv"] = rng.uniform(
+                0.5, 2.0, (-(-rows // 128), -(-cols // 128))).astype(np.float32)
+    config = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1,
+              "n_routed_experts": num_experts, "num_experts_per_tok": 2, "n_group": 1,
+              "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+    layer = models.from_pretrained(folder_with(tmp_path / "fp8", tensors, config), 1)
+    assert layer.kind == "fp8_block"
+    want_up = quant.from_fp8_checkpoint(
+        np.stack([tensors[f"{p}experts.{e}.up_proj.weight"].view(np.uint8) for e in range(4)]),
+        np.stack([tensors[f"{p}experts.{e}.up_proj.weight_scale_inv"] for e in range(4)]))
+    assert np.array_equal(layer.weights()["up"].dequantize(), want_up.dequantize())
+    x = rng.standard_normal((5, hidden)).astype(ml_dtypes.bfloat16)
+    want = layer.reference(x).astype(np.float32)
+    assert np.abs(layer(x).astype(np.float32) - want).max() <= 2e-2 * np.abs(want).max()
+
+    p = "model.layers.0.mlp."
+    blocks = lambda rows, k: rng.integers(0, 256, (num_experts, rows, k // 32, 16), np.uint8)  # noqa: E731
+    scales = lambda rows, k: rng.integers(122, 130, (num_experts, rows, k // 32), np.uint8)  # noqa: E731
+    tensors = {p + "router.weight": rng.standard_normal((num_experts, hidden)).astype(np.float32),
+               p + "router.bias": rng.standard_normal(num_experts).astype(np.float32),
+               p + "experts.gate_up_proj_blocks": blocks(2 * inter, hidden),
+               p + "experts.gate_up_proj_scales": scales(2 * inter, hidden),
+               p + "experts.gate_up_proj_bias": rng.standard_normal((num_experts, 2 * inter)).astype(np.float32),
+               p + "experts.down_proj_blocks": blocks(hidden, inter),
+               p + "experts.down_proj_scales": scales(hidden, inter),
+               p + "experts.down_proj_bias": rng.standard_normal((num_experts, hidden)).astype(np.float32)}
+    config = {"model_type": "gpt_oss", "num_hidden_layers": 1, "num_local_experts": num_experts,
+              "num_experts_per_tok": 2}
+    layer = models.from_pretrained(folder_with(tmp_path / "mxfp4", tensors, config), 0)
+    assert layer.kind == "mxfp4"
+    want_down = quant.from_mxfp4_checkpoint(tensors[p + "experts.down_proj_blocks"],
+                                            tensors[p + "experts.down_proj_scales"])
+    assert np.array_equal(layer.weights()["down"].dequantize(), want_down.dequantize())
+    want = layer.reference(x).astype(np.float32)
+    assert np.abs(layer(x).astype(np.float32) - want).max() <= 2e-2 * np.abs(want).max()

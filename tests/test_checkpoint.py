@@ -207,3 +207,20 @@ def test_quantized_checkpoints_load_as_stored(tmp_path, rng):
     assert np.array_equal(layer.weights()["down"].dequantize(), want_down.dequantize())
     want = layer.reference(x).astype(np.float32)
     assert np.abs(layer(x).astype(np.float32) - want).max() <= 2e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("rows, cols", [(1, 5), (7, 3), (6, 130), (64, 9)])
+def test_stacking_transposes_checkpoint_matrices_bit_for_bit(rng, dtype, rows, cols):
+    """_stack's transposing kernel against NumPy's transpose (packed words for rows that
+    are multiples of 2 or 4, single elements otherwise), including NaN and -0 bits."""
+    from dpmoe.arrays import to_host
+    from dpmoe.device import default_queue
+
+    queue, _ = default_queue(None)
+    stored = [rng.standard_normal((rows, cols)).astype(dtype) for _ in range(3)]
+    stored[0][0, 0], stored[1][-1, -1] = np.nan, -0.0
+    got = to_host(models._stack("w", [m.T for m in stored], queue, {}))
+    want = np.stack([m.T for m in stored])
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()

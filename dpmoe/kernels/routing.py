@@ -44,10 +44,30 @@ def _softmax_stats(logits_kind: str):
 
 
 @lru_cache(maxsize=None)
+def _next_pick(logits_kind: str):
+    load = loader(logits_kind)
+
+    @dpex.device_func
+    def next_pick(logits, base, num_experts, prev_value, prev_index):
+        """(logit, index) of the best expert strictly after the previous pick."""
+        best_value = np.float32(-np.inf)
+        best_index = -1
+        for e in range(num_experts):
+            v = load(logits, base + e)
+            if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
+                best_value = v
+                best_index = e
+        return best_value, best_index
+
+    return next_pick
+
+
+@lru_cache(maxsize=None)
 def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
     """Softmax over all experts then top-k, or (``after_topk``) top-k logits then softmax."""
     load = loader(logits_kind)
     softmax_stats = _softmax_stats(logits_kind)
+    next_pick = _next_pick(logits_kind)
 
     @dpex.kernel
     def topk_softmax_kernel(
@@ -66,13 +86,7 @@ def make_topk_softmax_kernel(logits_kind: str, after_topk: bool = False):
         prev_index = -1
         picked_sum = np.float32(0.0)
         for j in range(top_k):
-            best_value = np.float32(-np.inf)
-            best_index = -1
-            for e in range(num_experts):
-                v = load(logits, base + e)
-                if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
-                    best_value = v
-                    best_index = e
+            best_value, best_index = next_pick(logits, base, num_experts, prev_value, prev_index)
             w = math.exp(best_value - largest) / total
             weights[t * top_k + j] = w
             ids[t * top_k + j] = best_index
@@ -207,6 +221,7 @@ def make_sparsemixer_kernel(logits_kind: str):
     logits within a relative distance ``2 * jitter_eps`` of that pick (the first pick left
     out of the second's softmax), not renormalized."""
     load = loader(logits_kind)
+    next_pick = _next_pick(logits_kind)
 
     @dpex.device_func
     def masked_softmax_at(logits, base, num_experts, best, skip, threshold):
@@ -236,13 +251,7 @@ def make_sparsemixer_kernel(logits_kind: str):
         prev_value = np.float32(np.inf)
         prev_index = -1
         for j in range(2):
-            best_value = np.float32(-np.inf)
-            best_index = -1
-            for e in range(num_experts):
-                v = load(logits, base + e)
-                if follows(v, e, prev_value, prev_index) and (best_index < 0 or v > best_value):
-                    best_value = v
-                    best_index = e
+            best_value, best_index = next_pick(logits, base, num_experts, prev_value, prev_index)
             weights[t * 2 + j] = masked_softmax_at(logits, base, num_experts, best_value,
                                                    prev_index, threshold)
             ids[t * 2 + j] = best_index

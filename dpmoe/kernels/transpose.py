@@ -34,39 +34,19 @@ def make_transpose_kernel(itemsize: int, pack: int):
     """``dst[c, r] = src[r, c]`` for a C-contiguous src [rows, cols] of ``itemsize``-byte
     elements (read as unsigned integers of that size) and dst [cols, rows] seen as words of
     ``pack`` elements; rows must be a multiple of ``pack``."""
-    word = {4: np.uint32, 8: np.uint64}.get(itemsize * pack)
+    word = {4: np.uint32, 8: np.uint64}.get(itemsize * pack, np.dtype(f"u{itemsize}").type)
     shift = 8 * itemsize
 
-    if pack == 1:
-        @dpex.kernel
-        def transpose_kernel(nd: kapi.NdItem, src, dst, rows, cols, dst_offset):
-            r = nd.get_global_id(0)
-            c = nd.get_global_id(1)
-            if r < rows and c < cols:
-                dst[dst_offset + c * rows + r] = src[r * cols + c]
-    elif pack == 2:
-        @dpex.kernel
-        def transpose_kernel(nd: kapi.NdItem, src, dst, rows, cols, dst_offset):
-            p = nd.get_global_id(0)
-            c = nd.get_global_id(1)
-            if p < rows // 2 and c < cols:
-                at = 2 * p * cols + c
-                low = word(src[at])
-                high = word(src[at + cols])
-                dst[dst_offset + c * (rows // 2) + p] = low | (high << word(shift))
-    else:
-        @dpex.kernel
-        def transpose_kernel(nd: kapi.NdItem, src, dst, rows, cols, dst_offset):
-            p = nd.get_global_id(0)
-            c = nd.get_global_id(1)
-            if p < rows // 4 and c < cols:
-                at = 4 * p * cols + c
-                a = word(src[at])
-                b = word(src[at + cols])
-                d = word(src[at + 2 * cols])
-                e = word(src[at + 3 * cols])
-                dst[dst_offset + c * (rows // 4) + p] = (
-                    a | (b << word(shift)) | (d << word(2 * shift)) | (e << word(3 * shift)))
+    @dpex.kernel
+    def transpose_kernel(nd: kapi.NdItem, src, dst, rows, cols, dst_offset):
+        p = nd.get_global_id(0)  # a word of dst: source rows pack * p ...
+        c = nd.get_global_id(1)
+        if p < rows // pack and c < cols:
+            at = pack * p * cols + c
+            value = word(src[at])
+            for j in range(1, pack):  # unrolled: pack is a constant
+                value |= word(src[at + j * cols]) << word(j * shift)
+            dst[dst_offset + c * (rows // pack) + p] = value
 
     def launch(src, dst, rows, cols, dst_offset):
         """src flat (rows * cols) uints of ``itemsize``; dst flat words, the matrix starting

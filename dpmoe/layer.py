@@ -48,10 +48,10 @@ class MoELayer:
 
     # the keyword options of from_numpy
     OPTIONS = ("router_bias", "scoring", "num_expert_group", "topk_group", "correction_bias",
-               "routed_scaling_factor", "epsilon", "jitter_eps", "activation", "alpha", "limit", "gate_bias",
-               "up_bias", "down_bias", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
-               "shared_expert_gate", "identity_experts", "weights_on_input", "output_bias",
-               "held_experts")
+               "routed_scaling_factor", "epsilon", "jitter_eps", "activation", "alpha", "limit",
+               "gate_bias", "up_bias", "down_bias", "shared_gate_proj", "shared_up_proj",
+               "shared_down_proj", "shared_expert_gate", "identity_experts", "weights_on_input",
+               "output_bias", "held_experts")
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int = 2, renormalize: bool = True, dtype: Any = "float32",
@@ -98,8 +98,8 @@ class MoELayer:
         used in place).
 
         Keyword options: ``router_bias`` [E]; ``scoring`` ("softmax", "softmax_after_topk",
-        "sigmoid", "sparsemixer" with ``jitter_eps``, PhiMoE); ``num_expert_group``, ``topk_group``, ``correction_bias`` [E],
-        ``routed_scaling_factor`` (grouped routing, :func:`dpmoe.grouped_topk`'s rules);
+        "sigmoid", "sparsemixer" with ``jitter_eps``, PhiMoE); ``num_expert_group``,
+        ``topk_group``, ``correction_bias`` [E], ``routed_scaling_factor`` (grouped routing, :func:`dpmoe.grouped_topk`'s rules);
         ``epsilon`` added to the sum that renormalizes (default: 1e-20 for grouped/sigmoid
         routing, else 0); ``activation``, ``alpha``, ``limit``, ``gate_bias``/``up_bias``
         [E, I], ``down_bias`` [E, H] (experts; a non-gated activation such as "relu2",
@@ -124,11 +124,10 @@ class MoELayer:
     def _setup(self, router, gate, up, down, top_k, renormalize, device, *, router_bias=None,
                scoring="softmax", num_expert_group=1, topk_group=1, correction_bias=None,
                routed_scaling_factor=1.0, epsilon=None, jitter_eps=0.0, activation="silu",
-               alpha=1.702,
-               limit=7.0, gate_bias=None, up_bias=None, down_bias=None, shared_gate_proj=None,
-               shared_up_proj=None, shared_down_proj=None, shared_expert_gate=None,
-               identity_experts=0, weights_on_input=False, output_bias=None,
-               held_experts=None) -> None:
+               alpha=1.702, limit=7.0, gate_bias=None, up_bias=None, down_bias=None,
+               shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None,
+               shared_expert_gate=None, identity_experts=0, weights_on_input=False,
+               output_bias=None, held_experts=None) -> None:
         validation.float_array("router", router, 2)
         gated = activation not in validation.NON_GATED
         if gated and gate is None:
@@ -297,8 +296,8 @@ class MoELayer:
                     scoring=r.scoring, num_expert_group=r.num_expert_group,
                     topk_group=r.topk_group, routed_scaling_factor=r.routed_scaling_factor,
                     epsilon=r.epsilon, jitter_eps=r.jitter_eps, activation=self.activation,
-                    alpha=self._alpha,
-                    limit=self._limit, identity_experts=self.identity_experts,
+                    alpha=self._alpha, limit=self._limit,
+                    identity_experts=self.identity_experts,
                     weights_on_input=self.weights_on_input,
                     held_experts=None if self._expert_map is None else self.held_experts)
 
@@ -332,8 +331,7 @@ class MoELayer:
             to_host(hidden_states), h, r.top_k, r.renormalize, r.scoring, r.num_expert_group,
             r.topk_group, r.routed_scaling_factor, self.activation, self._alpha, self._limit,
             self._expert_map, epsilon=r.epsilon, jitter_eps=r.jitter_eps,
-            identity_experts=self.identity_experts,
-            weights_on_input=self.weights_on_input)
+            identity_experts=self.identity_experts, weights_on_input=self.weights_on_input)
 
     def route(self, hidden_states: Any) -> tuple[Any, Any]:
         """(topk_weights [T, k] float32, topk_ids [T, k] int32) for ``hidden_states`` [T, H]."""
@@ -400,6 +398,9 @@ class MoELayer:
             [T, H] in hidden_states' dtype (NumPy for NumPy input, dpnp otherwise).
         """
         kind, _ = self._check(hidden_states, finite=False)
+        if self.weights_on_input:
+            raise ValueError("layer.experts() weights the experts' outputs; this layer weights "
+                             "their inputs (weights_on_input): call the layer")
         num_tokens = hidden_states.shape[0]
         validation.routing_weights("topk_weights", topk_weights, (num_tokens, self.top_k))
         validation.expert_ids("topk_ids", topk_ids, (num_tokens, self.top_k), self.num_experts)
@@ -434,6 +435,7 @@ class MoELayer:
             float32_tokens_and_logits=(tokens + num_tokens * self.num_experts) * 4
             + num_tokens * self.top_k * 8,
             outputs=tokens * 4 * (3 if shared and self._shared is not None else 1),
+            weighted_input_rows=tokens * self.top_k * 8 if self.weights_on_input else 0,
             derived_weights=self._experts.derived_bytes(plan.gemm))
         if shared and self._shared is not None:
             shared_plan = choose(self.queue, num_tokens, self._shared.shape, 1, kind, self._shared.kind,

@@ -23,7 +23,7 @@ they are stored (GPT-OSS MXFP4 ``*_blocks`` / ``*_scales``, DeepSeek-V3 FP8 with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -81,7 +81,8 @@ def _deepseek_v2(c: Any) -> dict:
     if _get(c, "topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
         raise ValueError(f"deepseek_v2: topk_method {_get(c, 'topk_method')!r} is not "
                          "supported (transformers runs 'greedy' and 'group_limited_greedy')")
-    return dict(renormalize=False, routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
+    return dict(renormalize=False,
+                routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
                 num_expert_group=int(_get(c, "n_group", 1)) if grouped else 1,
                 topk_group=int(_get(c, "topk_group", 1)) if grouped else 1)
 
@@ -103,7 +104,8 @@ class Convention:
     the config keys naming it (or a fixed name); ``x_at_w``: fused expert tensors are
     stored for ``x @ W`` ([E, H, 2I], [E, I, H]) instead of ``x @ W^T``; ``interleaved``:
     their gate and up columns alternate; ``sibling_shared``: a shared expert beside the
-    block in the decoder layer (its output added to the block's).
+    block in the decoder layer (its output added to the block's); ``router_bias``,
+    ``output_bias``: the names of those tensors in the block, when the family has them.
     """
 
     blocks: tuple[str, ...]
@@ -112,7 +114,8 @@ class Convention:
     x_at_w: bool = False
     interleaved: bool = False
     sibling_shared: str | None = None
-    extra: dict = field(default_factory=dict)
+    router_bias: str | None = None
+    output_bias: str | None = None
 
 
 _SOFTMAX_AFTER_TOPK = lambda c: dict(scoring="softmax_after_topk")  # noqa: E731
@@ -130,7 +133,8 @@ CONVENTIONS: dict[str, Convention] = {
     "granitemoe": Convention(("block_sparse_moe",), _SOFTMAX_AFTER_TOPK),
     "granitemoeshared": Convention(("block_sparse_moe",), _SOFTMAX_AFTER_TOPK,
                                    sibling_shared="shared_mlp"),
-    "jetmoe": Convention(("mlp",), _SOFTMAX_AFTER_TOPK, ("activation_function",)),
+    "jetmoe": Convention(("mlp",), _SOFTMAX_AFTER_TOPK, ("activation_function",),
+                         output_bias="bias"),
     "dbrx": Convention(("ffn",), _dbrx, ("ffn_act_fn",)),
     "deepseek_v2": Convention(("mlp",), _deepseek_v2),
     "deepseek_v3": Convention(("mlp",), _deepseek(True)),
@@ -139,7 +143,8 @@ CONVENTIONS: dict[str, Convention] = {
     "exaone_moe": Convention(("mlp",), _deepseek(True)),
     "nemotron_h": Convention(("mixer",), _deepseek(True), ("mlp_hidden_act",)),
     "afmoe": Convention(("mlp",), lambda c: dict(
-        scoring="sigmoid", renormalize=True, routed_scaling_factor=float(_get(c, "route_scale", 1.0)))),
+        scoring="sigmoid", renormalize=True,
+        routed_scaling_factor=float(_get(c, "route_scale", 1.0)))),
     "lfm2_moe": Convention(("feed_forward",), _deepseek(True, epsilon=1e-6), "silu"),
     "ernie4_5_moe": Convention(("mlp",), lambda c: dict(renormalize=True, epsilon=0.0)),
     "longcat_flash": Convention(("mlp",), lambda c: dict(
@@ -151,7 +156,8 @@ CONVENTIONS: dict[str, Convention] = {
         scoring="sparsemixer", jitter_eps=float(_get(c, "router_jitter_noise", 0.01)))),
     "gpt_oss": Convention(("mlp",), lambda c: dict(
         scoring="softmax_after_topk", alpha=float(_get(c, "swiglu_alpha", 1.702)),
-        limit=float(_get(c, "swiglu_limit", 7.0))), "swigluoai", x_at_w=True, interleaved=True),
+        limit=float(_get(c, "swiglu_limit", 7.0))), "swigluoai", x_at_w=True, interleaved=True,
+        router_bias="router.bias"),
 }
 FAMILIES = tuple(CONVENTIONS)
 # config.json model_type -> family (text models of multimodal families)
@@ -164,10 +170,12 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_ta
 ROUTER = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight",
           "router.gate.weight", "router.classifier.weight")
 CORRECTION_BIAS = ("gate.e_score_correction_bias", "e_score_correction_bias",
-                   "moe_statics.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias",
+                   "moe_statics.e_score_correction_bias",
+                   "gate.moe_statics.e_score_correction_bias",
                    "router.e_score_correction_bias", "expert_bias")
 PER_EXPERT = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-FUSED = (("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight"))
+FUSED = (("experts.gate_up_proj", "experts.down_proj"),
+         ("input_linear.weight", "output_linear.weight"))
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 
 
@@ -276,10 +284,10 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
             raise ValueError(f"{block.where}: experts.mlp.w1 {w1.shape} does not split into "
                              f"{num_experts} experts")
         inter = w1.shape[0] // num_experts
-        part = lambda w, e: w[e * inter:(e + 1) * inter]  # noqa: E731
-        return (_stack("experts.mlp.w1", [part(w1, e).T for e in range(num_experts)], queue, scratch),
-                _stack("experts.mlp.v1", [part(v1, e).T for e in range(num_experts)], queue, scratch),
-                _stack("experts.mlp.w2", [part(w2, e) for e in range(num_experts)], queue, scratch))
+        parts = lambda w: [w[e * inter:(e + 1) * inter] for e in range(num_experts)]  # noqa: E731
+        return (_stack("experts.mlp.w1", [m.T for m in parts(w1)], queue, scratch),
+                _stack("experts.mlp.v1", [m.T for m in parts(v1)], queue, scratch),
+                _stack("experts.mlp.w2", parts(w2), queue, scratch))
     if "experts.up_proj" in block and "experts.gate_up_proj" not in block:  # fused, not gated
         up, down = block["experts.up_proj"], block["experts.down_proj"]
         return (None, _stack("experts.up_proj", [w.T for w in up], queue, scratch),
@@ -383,6 +391,24 @@ def _build(family: str, block: _Block, config: Any, device: Any,
         raise ValueError(f"{block.where}: {router_name} has {router.shape[0]} rows, but "
                          f"config.json says {configured} experts"
                          + (f" (+ {identity} identity experts)" if identity else ""))
+    options["activation"] = _activation(convention, config)
+    unsupported = sorted(n for n in block.names if n.endswith("_proj.bias") and "shared" in n
+                         or "latent_proj" in n)
+    if unsupported:
+        raise ValueError(f"{block.where}: {unsupported[0]} (shared expert biases, latent "
+                         "projections) is not supported")
+    bias_name = block.first(CORRECTION_BIAS)
+    if bias_name is not None:
+        options["correction_bias"] = block[bias_name].reshape(-1).astype(np.float32)
+    for option, name in (("router_bias", convention.router_bias),
+                         ("output_bias", convention.output_bias)):
+        if name is not None and name in block:
+            options[option] = block[name].astype(np.float32)
+    if "experts.gate_up_proj_bias" in block:
+        biases = block["experts.gate_up_proj_bias"]
+        options.update(gate_bias=biases[:, ::2], up_bias=biases[:, 1::2])
+    if "experts.down_proj_bias" in block:
+        options["down_bias"] = block["experts.down_proj_bias"]
     queue, _ = default_queue(device)
     gate, up, down = _experts(block, convention, num_experts, queue)
     if up.shape[0] < num_experts:
@@ -390,28 +416,9 @@ def _build(family: str, block: _Block, config: Any, device: Any,
                          "experts routed")
     if identity and gate is not None and gate.shape[0] > num_experts:
         gate, up = gate[:num_experts], up[:num_experts]  # LongCat stores unused rows
-    hidden = router.shape[1]
-    if up.shape[1] != hidden:
+    if up.shape[1] != router.shape[1]:
         raise ValueError(f"{block.where}: the experts' input size {up.shape[1]} is not the "
-                         f"router's hidden size {hidden}")
-    options["activation"] = _activation(convention, config)
-    bias_name = block.first(CORRECTION_BIAS)
-    if bias_name is not None:
-        options["correction_bias"] = block[bias_name].reshape(-1).astype(np.float32)
-    if "router.bias" in block and family == "gpt_oss":
-        options["router_bias"] = block["router.bias"].astype(np.float32)
-    if "experts.gate_up_proj_bias" in block:
-        biases = block["experts.gate_up_proj_bias"]
-        options.update(gate_bias=biases[:, ::2], up_bias=biases[:, 1::2])
-    if "experts.down_proj_bias" in block:
-        options["down_bias"] = block["experts.down_proj_bias"]
-    if family == "jetmoe" and "bias" in block:
-        options["output_bias"] = block["bias"]
-    unsupported = sorted(n for n in block.names if n.endswith("_proj.bias") and "shared" in n
-                         or "latent_proj" in n)
-    if unsupported:
-        raise ValueError(f"{block.where}: {unsupported[0]} (shared expert biases, latent "
-                         "projections) is not supported")
+                         f"router's hidden size {router.shape[1]}")
     options.update(_shared(block, sibling))
     return MoELayer.from_numpy(router.T, gate, up, down, int(top_k),
                                device=device if queue is None else queue,

@@ -133,3 +133,26 @@ def test_conventions_are_validated(rng, options, error, message):
         w = dict(w, gate=w["gate"][:3], up=w["up"][:3], down=w["down"][:3])
     with pytest.raises(error, match=message):
         layer_of(w, top_k, **options)
+
+
+@pytest.mark.parametrize("weights_kind", ["bf16", "int8"])
+@pytest.mark.parametrize("gemm", ["host", "portable"])
+def test_non_gated_experts_keep_one_up_and_skip_the_gate_product(rng, monkeypatch, weights_kind,
+                                                                 gemm):
+    from dpmoe import quant
+
+    if gemm == "portable":
+        monkeypatch.setenv("DPMOE_NO_HOST_ONEMKL", "1")
+    w = weights(rng, BF16, gated=False)
+    up, down = w["up"], w["down"]
+    if weights_kind == "int8":
+        up, down = quant.quantize(up.astype(np.float32), "int8"), quant.quantize(down.astype(np.float32), "int8")
+    layer = dpmoe.MoELayer.from_numpy(w["router"], None, up, down, 2, True, activation="relu2")
+    x = rng.standard_normal((23, H)).astype(BF16)  # several rows per expert: packed GEMMs
+    for path in PATHS:
+        assert_close(layer(x, path=path), layer.reference(x))
+    experts = layer._experts
+    assert experts.gated is False
+    if weights_kind == "bf16" and gemm == "host" and experts.packing_pays():
+        packed = experts.packed()
+        assert packed[0] is packed[1]  # one packed copy of up, not two

@@ -51,12 +51,12 @@ DEFAULT_OPTIONS = ExpertOptions()
 PACKED_MAX_RATIO = 4
 
 
-def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int]) -> int:
-    """Bytes of the float32 copies of 16-bit weights of ``shape`` (E, H, I) that backend
-    ``gemm`` makes (``dpnp.matmul`` has no 16-bit GEMM)."""
+def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int], matrices: int = 3) -> int:
+    """Bytes of the float32 copies of 16-bit weights of ``shape`` (E, H, I), ``matrices``
+    of them, that backend ``gemm`` makes (``dpnp.matmul`` has no 16-bit GEMM)."""
     num_experts, hidden, inter = shape
     widened = gemm == "dpnp.matmul" and kind in ("float16", "bfloat16")
-    return 3 * num_experts * hidden * inter * 4 if widened else 0
+    return matrices * num_experts * hidden * inter * 4 if widened else 0
 
 
 def expert_weights(gate: Any, up: Any, down: Any, kind: str, queue: Any,
@@ -82,12 +82,14 @@ class ExpertWeights:
 
     def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, persistent: bool):
         self.up, self.down = (to_device(w, queue) for w in (up, down))
-        # non-gated experts pass up as gate: one device copy serves both
-        self.gate = self.up if gate is up else to_device(gate, queue)
+        # non-gated experts pass up as gate: one device copy (and one of each derived form)
+        # serves both, and the grouped path skips the gate product
+        self.gated = gate is not up
+        self.gate = to_device(gate, queue) if self.gated else self.up
         self.kind = kind
         self.persistent = persistent
         if persistent:  # weights read for many calls: worth moving onto huge pages now
-            for w in (self.gate, self.up, self.down):
+            for w in (self.up, self.down) + ((self.gate,) if self.gated else ()):
                 pages.advise(w, now=True)
         self._float32: tuple | None = None
         self._packed: tuple | None = None
@@ -130,9 +132,10 @@ class ExpertWeights:
             if not self.packing_pays() or self._packed is not None:
                 return 0
             num_experts, hidden, inter = self.shape
-            return num_experts * (2 * onemkl_host.packed_size(inter, hidden)
+            return num_experts * ((1 + self.gated) * onemkl_host.packed_size(inter, hidden)
                                   + onemkl_host.packed_size(hidden, inter))
-        return 0 if self._float32 is not None else widened_bytes(gemm, self.kind, self.shape)
+        return 0 if self._float32 is not None else widened_bytes(gemm, self.kind, self.shape,
+                                                                 2 + self.gated)
 
     def packing_pays(self) -> bool:
         """Whether packed copies are worth their bytes: for weights reused over calls, and
@@ -150,15 +153,19 @@ class ExpertWeights:
         if self._packed is None:
             num_experts, hidden, inter = self.shape
             self.queue.wait()
-            self._packed = tuple(
+            up, down = (
                 [onemkl_host.pack(flat(w), e * hidden * inter, n, k) for e in range(num_experts)]
-                for w, n, k in ((self.gate, inter, hidden), (self.up, inter, hidden),
-                                (self.down, hidden, inter)))
+                for w, n, k in ((self.up, inter, hidden), (self.down, hidden, inter)))
+            gate = up if not self.gated else [onemkl_host.pack(flat(self.gate), e * hidden * inter,
+                                                               inter, hidden)
+                                              for e in range(num_experts)]
+            self._packed = (gate, up, down)
         return self._packed
 
     def float32(self) -> tuple[Any, Any, Any]:
         if self._float32 is not None:
             return self._float32
         # kept for the object's life: a call's chunks widen once (a layer's: once for good)
-        self._float32 = tuple(widen(w, self.kind) for w in (self.gate, self.up, self.down))
+        up, down = (widen(w, self.kind) for w in (self.up, self.down))
+        self._float32 = (widen(self.gate, self.kind) if self.gated else up, up, down)
         return self._float32

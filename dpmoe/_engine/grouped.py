@@ -62,10 +62,18 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         act_kernel(flat(gate), flat(up), flat(result), layout.n_rows, inter, inter, inter, 0,
                    options.alpha, options.limit, **biases)
 
+    def gate_and_up(products: list) -> tuple[Any, Any]:
+        """(gate, up) products; non-gated experts computed up alone (their activation reads
+        only up)."""
+        return (products[0], products[-1])
+
+    first = slice(0 if experts.gated else 1, 2)  # which of gate, up the first GEMMs compute
+    names = ("gate", "up")[first]
     if experts.quantized:
         kind = "bfloat16" if bf16 else "float32"
         rows, a_rows = token_rows(kind)
-        gate, up = _quantized_gemms(experts, (0, 1), rows, a_rows, layout, kind, host, buffers)
+        gate, up = gate_and_up(_quantized_gemms(experts, (0, 1)[first], rows, a_rows, layout,
+                                                kind, host, buffers))
         act = gate
         if bf16:
             act = intermediate(buffers, "act", (layout.n_rows, inter), "bfloat16", queue)
@@ -77,9 +85,9 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         several = any(count > 1 for _, _, count in layout.segments)
         packed = experts.packed() if several else None  # single rows read weights in place
         rows, a_rows = token_rows("bfloat16")
-        gate, up = expert_matmul_host(rows, (experts.gate, experts.up), layout,
-                                      packed=packed and packed[:2], a_rows=a_rows,
-                                      names=("gate", "up"), buffers=buffers)
+        gate, up = gate_and_up(expert_matmul_host(
+            rows, (experts.gate, experts.up)[first], layout, packed=packed and packed[first],
+            a_rows=a_rows, names=names, buffers=buffers))
         act = intermediate(buffers, "act", (layout.n_rows, inter), "bfloat16", queue)
         activate(gate, up, act)
         (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:],
@@ -88,13 +96,14 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         gate_w, up_w, down_w = experts.float32()
         rows, a_rows = token_rows("float32")
         if host:
-            gate, up = expert_matmul_host(rows, (gate_w, up_w), layout, a_rows=a_rows,
-                                          names=("gate", "up"), buffers=buffers)
+            gate, up = gate_and_up(expert_matmul_host(rows, (gate_w, up_w)[first], layout,
+                                                      a_rows=a_rows, names=names,
+                                                      buffers=buffers))
             activate(gate, up, gate)
             (down,) = expert_matmul_host(gate, (down_w,), layout, names=("down",),
                                          buffers=buffers)
         else:
-            gate, up = expert_matmul(rows, (gate_w, up_w), layout)
+            gate, up = gate_and_up(expert_matmul(rows, (gate_w, up_w)[first], layout))
             activate(gate, up, gate)
             (down,) = expert_matmul(gate, (down_w,), layout)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
@@ -112,7 +121,7 @@ def _quantized_gemms(experts: Any, which: tuple, rows: Any, a_rows: list | None,
     queue = rows.sycl_queue
     n_dim = hidden if which == (2,) else inter
     k_dim = rows.shape[1]
-    names = ("down",) if which == (2,) else ("gate", "up")
+    names = tuple(("gate", "up", "down")[m] for m in which)
     outs = [intermediate(buffers, name, (layout.n_rows, n_dim), "float32", queue)
             for name in names]
     segments = layout.segments

@@ -40,13 +40,16 @@ class QuantizedExpertWeights:
         self.kind = gate.format
         self.persistent = persistent
         self._shape = tuple(gate.shape)
+        self.gated = gate is not up  # non-gated: up serves as gate, one copy
         self._parts = []
-        for q in (gate, up, down):
+        for q in (up, down) if not self.gated else (gate, up, down):
             data = upload(np.ascontiguousarray(q.data).view(np.uint8).reshape(-1), queue)
             scales = upload(np.ascontiguousarray(q.scales).reshape(-1), queue)
             if persistent:
                 pages.advise(data, now=True)
             self._parts.append((data, scales, tuple(q.shape), tuple(q.scales.shape)))
+        if not self.gated:
+            self._parts.insert(0, self._parts[0])
         self._gemv = None
 
     @property
@@ -60,7 +63,7 @@ class QuantizedExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(d.nbytes + s.nbytes for d, s, _, _ in self._parts)
+        return sum(d.nbytes + s.nbytes for d, s, _, _ in self._parts[1 - self.gated:])
 
     def derived_bytes(self, gemm: str) -> int:
         return 0  # nothing derived is kept (the grouped path's buffers are intermediates)

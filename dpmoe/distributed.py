@@ -144,6 +144,18 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
 
 
+def _refuse_unsupported(gate: Any, options: dict) -> None:
+    """The MoELayer options expert parallelism does not run yet, refused by name."""
+    validation.options("ExpertParallelMoE", options, MoELayer.OPTIONS)
+    given = [name for name, used in (
+        ("identity_experts", options.get("identity_experts", 0) not in (0, None)),
+        ("weights_on_input", bool(options.get("weights_on_input", False))),
+        ("output_bias", options.get("output_bias") is not None),
+        ("non-gated experts (gate=None)", gate is None)) if used]
+    if given:
+        raise ValueError(f"ExpertParallelMoE does not support {', '.join(given)} yet")
+
+
 class ExpertParallelMoE(MoELayer):
     """An MoE block whose experts are spread over the ranks of an MPI communicator (see the
     module docstring). Every rank builds it (a collective) and calls it (a collective) on its
@@ -182,13 +194,7 @@ class ExpertParallelMoE(MoELayer):
             if "held_experts" in options:
                 raise TypeError("ExpertParallelMoE takes no held_experts: the placement says "
                                 "which experts a rank holds")
-            validation.options("ExpertParallelMoE", options, MoELayer.OPTIONS)
-            unsupported = [k for k in ("identity_experts", "weights_on_input", "output_bias")
-                           if options.get(k) is not None and options.get(k) is not False
-                           and not (k == "identity_experts" and options[k] == 0)]
-            if unsupported or gate is None:
-                raise ValueError("ExpertParallelMoE does not support "
-                                 f"{', '.join(unsupported) or 'non-gated experts'} yet")
+            _refuse_unsupported(gate, options)
             validation.float_array("router", router, 2)
             self.placement = _placement(placement, router.shape[1], self.comm.size)
             held = np.flatnonzero(self.placement == self.comm.rank).astype(np.int32)
@@ -226,6 +232,7 @@ class ExpertParallelMoE(MoELayer):
         biases [E, ...]; host arrays, memory-mapped ones too): each rank copies only the
         experts ``placement`` gives it. Other arguments as the constructor."""
         comm = _mpi().COMM_WORLD if comm is None else comm
+        _refuse_unsupported(gate, options)
         return cls._collectively_built(comm, lambda: cls._sliced(
             comm, router, gate, up, down, top_k, renormalize, device, placement, replies,
             options))
@@ -288,6 +295,7 @@ class ExpertParallelMoE(MoELayer):
                 raise ValueError("layer must hold every expert (it is a shard)")
             weights = [args.pop(k) for k in ("router", "gate", "up", "down", "top_k",
                                             "renormalize")]
+            _refuse_unsupported(weights[1], args)
             return cls._sliced(comm, *weights, device, placement, replies, args)
 
         return cls._collectively_built(comm, arguments)

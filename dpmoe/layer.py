@@ -135,7 +135,7 @@ class MoELayer:
                              f"(non-gated: {validation.NON_GATED})")
         if not gated and gate is not None:
             raise ValueError(f"activation {activation!r} is not gated: pass gate=None")
-        if not gated and gate_bias is not None:
+        if not gated and (gate_bias is not None or up_bias is not None):
             raise ValueError(f"activation {activation!r} is not gated: it takes no gate_bias "
                              "or up_bias")
         # a non-gated layer's engine sees its up weights as gate too (the activation reads
@@ -167,6 +167,7 @@ class MoELayer:
         if output_bias is not None:
             validation.float_array("output_bias", output_bias, 1)
             validation.shape("output_bias", output_bias, (hidden,), "[H]")
+            validation.finite("output_bias", output_bias)
         self.activation = activation
         shared = {"up": shared_up_proj, "down": shared_down_proj}
         if gated:
@@ -195,7 +196,7 @@ class MoELayer:
                 validation.float_array("shared_expert_gate", shared_expert_gate, 2)
                 validation.shape("shared_expert_gate", shared_expert_gate, (hidden, 1), "[H, 1]")
         given = dict(router=router, router_bias=router_bias, correction_bias=correction_bias,
-                     gate=gate if gated else None, up=up, down=down, gate_bias=gate_bias,
+                     gate=gate, up=up, down=down, gate_bias=gate_bias,
                      up_bias=up_bias, down_bias=down_bias, shared_gate=shared_gate_proj,
                      shared_up=shared_up_proj, shared_down=shared_down_proj,
                      shared_expert_gate=shared_expert_gate, output_bias=output_bias)
@@ -211,9 +212,20 @@ class MoELayer:
         memory.check_fits(queue, "MoELayer", {
             "weights copied to the device": on_device if queue is not None else 0,
             "host copies of dpnp weights": from_device_copies if queue is None else 0})
-        if queue is None:  # the reference computes on host arrays
-            given = {k: v if v is None or validation.quantized(v) else to_host(v)
-                     for k, v in given.items()}
+        # dpnp expert and shared-expert matrices on the layer's queue are used in place (a
+        # loaded checkpoint's weights are not copied again); the rest is copied: the small
+        # arrays to the host once (the device gets float32 copies of them), matrices on
+        # another queue to the layer's
+        in_place = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+        for k, v in given.items():
+            if v is None or validation.quantized(v) or not is_device_array(v):
+                continue
+            if queue is None or k not in in_place:
+                given[k] = to_host(v)
+            elif v.sycl_queue != queue:
+                given[k] = dpnp.asarray(v, sycl_queue=queue)
+        if not gated:
+            given["gate"] = None
         self._given = given
         # global id -> held id, -1 elsewhere (None: the layer holds every expert)
         self._expert_map = None
@@ -237,7 +249,9 @@ class MoELayer:
 
         self._router, self._router_bias = f32(h["router"]), f32(h["router_bias"])
         self._correction_bias = f32(h["correction_bias"])
-        self._experts = expert_weights(gate, up, down, self.kind, queue, persistent=True)
+        up = h["up"]
+        self._experts = expert_weights(up if h["gate"] is None else h["gate"], up, h["down"],
+                                       self.kind, queue, persistent=True)
         self._options = ExpertOptions.on_device(
             queue, activation, alpha, limit, gate_bias=f32(h["gate_bias"]),
             up_bias=f32(h["up_bias"]), down_bias=f32(h["down_bias"]))

@@ -105,6 +105,10 @@ def routing_spec(num_experts: int, top_k: Any, renormalize: Any = False, scoring
     jitter = validation.finite_number("jitter_eps", jitter_eps)
     if jitter < 0:
         raise ValueError(f"jitter_eps must be >= 0, got {jitter_eps!r}")
+    if jitter and scoring != "sparsemixer":
+        raise ValueError(f"jitter_eps is SparseMixer's; scoring={scoring!r} takes none")
+    if epsilon and scoring in ("softmax_after_topk", "sparsemixer"):
+        raise ValueError(f"epsilon renormalizes; scoring={scoring!r} does not renormalize")
     if scoring == "sparsemixer" and (top_k != 2 or renormalize):
         raise ValueError("scoring='sparsemixer' picks exactly two experts (top_k=2) and does "
                          f"not renormalize, got top_k={top_k}, renormalize={renormalize}")

@@ -124,6 +124,11 @@ def test_sparsemixer_kernel_matches_its_reference(rng, num_experts):
     (dict(scoring="sparsemixer", jitter_eps=-1.0), ValueError, "jitter_eps must be >= 0"),
     (dict(weights_on_input=True, held_experts=np.arange(3)), ValueError,
      "not supported for expert shards"),
+    (dict(output_bias=np.full(H, np.nan, np.float32)), ValueError, "output_bias"),
+    (dict(scoring="softmax_after_topk", epsilon=1e-6), ValueError, "does not renormalize"),
+    (dict(jitter_eps=0.1), ValueError, "jitter_eps is SparseMixer's"),
+    (dict(gated=False, activation="relu2", up_bias=np.zeros((E, I), np.float32)), ValueError,
+     "takes no gate_bias or up_bias"),
 ])
 def test_conventions_are_validated(rng, options, error, message):
     options = dict(options)
@@ -156,3 +161,38 @@ def test_non_gated_experts_keep_one_up_and_skip_the_gate_product(rng, monkeypatc
     if weights_kind == "bf16" and gemm == "host" and experts.packing_pays():
         packed = experts.packed()
         assert packed[0] is packed[1]  # one packed copy of up, not two
+
+
+@needs_device
+def test_dpnp_weights_on_another_queue_are_copied_to_the_layers(rng):
+    import dpctl
+
+    from dpmoe.device import default_queue, dpnp
+
+    queue, _ = default_queue(None)
+    other = dpctl.SyclQueue(queue.sycl_device)
+    w = weights(rng)
+    on_other = {k: dpnp.asarray(v, sycl_queue=other) for k, v in w.items()}
+    layer = dpmoe.MoELayer.from_numpy(on_other["router"], on_other["gate"], on_other["up"],
+                                      on_other["down"], 2, True, device=queue)
+    x = rng.standard_normal((3, H)).astype(np.float32)
+    want = layer_of(w, 2, True).reference(x)
+    for path in PATHS:
+        assert_close(layer(x, path=path), want)
+
+
+def test_expert_parallel_layers_refuse_what_they_do_not_run(rng):
+    pytest.importorskip("mpi4py")
+    from dpmoe.distributed import ExpertParallelMoE
+
+    w = weights(rng, router_rows=E + 2)
+    with pytest.raises(ValueError, match="does not support identity_experts"):
+        ExpertParallelMoE.from_numpy(w["router"], w["gate"], w["up"], w["down"], 2,
+                                     identity_experts=2)
+    w = weights(rng, gated=False)
+    with pytest.raises(ValueError, match=r"does not support non-gated experts"):
+        ExpertParallelMoE.from_numpy(w["router"], None, w["up"], w["down"], 2,
+                                     activation="relu2")
+    layer = layer_of(weights(rng), weights_on_input=True)
+    with pytest.raises(ValueError, match="does not support weights_on_input"):
+        ExpertParallelMoE.from_layer(layer)

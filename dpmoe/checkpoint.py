@@ -15,8 +15,10 @@ taking one layer's experts reads only those.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import stat
 import struct
 from typing import Any
 
@@ -42,6 +44,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as it claims: names the file and tensor."""
 
 
+def _json(path: str, raw: bytes | None = None) -> Any:
+    """A JSON file (or its bytes), every failure a CheckpointError naming it. Only regular
+    files are opened (a FIFO would block)."""
+    try:
+        if raw is None:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise CheckpointError(f"{path}: not a regular file")
+            with open(path, "rb") as f:
+                raw = f.read()
+        return json.loads(raw)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not JSON ({type(e).__name__}: {e})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class _File:
     """One safetensors file: its checked header and a read-only map of its bytes."""
 
@@ -53,19 +75,18 @@ class _File:
             raise CheckpointError(f"{path}: cannot read the file ({e.strerror})") from None
         if size < 8:
             raise CheckpointError(f"{path}: truncated: {size} bytes, not even a header length")
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: header length {length} runs past the file "
-                                      f"({size} bytes): truncated or not safetensors")
-            raw = f.read(length)
-            try:
-                header = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: the header is not JSON ({e})") from None
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{path}: the header is not a JSON object")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > min(MAX_HEADER, size - 8):
+                    raise CheckpointError(f"{path}: header length {length} runs past the file "
+                                          f"({size} bytes): truncated or not safetensors")
+                header = _json(f"{path} (its header)", f.read(length))
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the file ({e.strerror})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the header is not a JSON object")
         self.start = 8 + length
         data_size = size - self.start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
@@ -83,9 +104,13 @@ class _File:
         where = f"{self.path}: tensor {name!r}"
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(n) for n in shape)
         except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{where}: malformed header entry {entry!r}") from None
+            raise CheckpointError(f"{where}: malformed header entry {str(entry)[:200]}") from None
+        if not (isinstance(shape, list) and all(map(_is_int, shape)) and _is_int(begin)
+                and _is_int(end) and isinstance(dtype_name, str)):
+            raise CheckpointError(f"{where}: malformed header entry (dtype a string, shape and "
+                                  f"data_offsets integers): {str(entry)[:200]}")
+        shape = tuple(shape)
         if dtype_name not in DTYPES:
             raise CheckpointError(f"{where}: unsupported dtype {dtype_name!r} "
                                   f"(dpmoe reads {sorted(DTYPES)})")
@@ -95,7 +120,7 @@ class _File:
         if end > data_size:
             raise CheckpointError(f"{where}: data [{begin}, {end}) runs past the end of the "
                                   f"file's {data_size} data bytes (truncated?)")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow
             raise CheckpointError(f"{where}: {end - begin} bytes for shape {shape} of "
                                   f"{dtype_name}")
         return dtype, shape, begin, end
@@ -126,23 +151,21 @@ class Checkpoint:
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path}: not a directory")
         config = os.path.join(self.path, "config.json")
-        try:
-            with open(config) as f:
-                self.config: dict = json.load(f)
-        except OSError as e:
-            raise CheckpointError(f"{config}: cannot read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config}: not JSON ({e})") from None
+        self.config: dict = _json(config)
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config}: not a JSON object")
         self._files: dict[str, _File] = {}
         index = os.path.join(self.path, INDEX)
         if os.path.exists(index):
             try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = _json(index)["weight_map"]
                 self._where = {str(k): str(v) for k, v in weight_map.items()}
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
             for shard in sorted(set(self._where.values())):
+                if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name in the "
+                                          "model's directory")
                 if not os.path.isfile(os.path.join(self.path, shard)):
                     names = sorted(k for k, v in self._where.items() if v == shard)
                     raise CheckpointError(f"{os.path.join(self.path, shard)}: the shard the "

@@ -129,6 +129,7 @@ class MoELayer:
                shared_expert_gate=None, identity_experts=0, weights_on_input=False,
                output_bias=None, held_experts=None) -> None:
         validation.float_array("router", router, 2)
+        validation.finite("router", router)  # NaN logits would route every token nowhere
         gated = activation not in validation.NON_GATED
         if gated and gate is None:
             raise ValueError(f"gate is None, but activation {activation!r} is gated "
@@ -195,6 +196,7 @@ class MoELayer:
             if shared_expert_gate is not None:
                 validation.float_array("shared_expert_gate", shared_expert_gate, 2)
                 validation.shape("shared_expert_gate", shared_expert_gate, (hidden, 1), "[H, 1]")
+                validation.finite("shared_expert_gate", shared_expert_gate)
         given = dict(router=router, router_bias=router_bias, correction_bias=correction_bias,
                      gate=gate, up=up, down=down, gate_bias=gate_bias,
                      up_bias=up_bias, down_bias=down_bias, shared_gate=shared_gate_proj,

@@ -22,13 +22,14 @@ they are stored (GPT-OSS MXFP4 ``*_blocks`` / ``*_scales``, DeepSeek-V3 FP8 with
 
 from __future__ import annotations
 
-import re
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
-from . import pages, quant
+from . import memory, pages, quant
 from .arrays import empty, float_kind, from_device, host_view, to_device, view
 from .checkpoint import Checkpoint, CheckpointError
 from .device import default_queue
@@ -46,6 +47,19 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _typed(config: Any, name: str, default: Any, kind: str) -> Any:
+    """A config value that must be an "int", a "number" or a "bool" (config.json's own
+    types: no coercion of 2.7 to 2 or of "false" to True); ValueError naming the key."""
+    value = _get(config, name, default)
+    ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool)}[kind](value)
+    if not ok:
+        raise ValueError(f"config.json: {name} must be a{'n' if kind == 'int' else ''} {kind}, "
+                         f"got {value!r}")
+    return {"int": int, "number": float, "bool": bool}[kind](value)
+
+
 def _first(config: Any, names: tuple[str, ...], default: Any = None) -> Any:
     for name in names:
         value = _get(config, name)
@@ -61,7 +75,7 @@ def _softmax(renormalize: Callable[[Any], bool]) -> Callable[[Any], dict]:
 
 
 def _norm(default: bool) -> Callable[[Any], bool]:
-    return lambda c: bool(_get(c, "norm_topk_prob", default))
+    return lambda c: _typed(c, "norm_topk_prob", default, "bool")
 
 
 def _deepseek(norm_default: bool, scale_key: str = "routed_scaling_factor",
@@ -69,10 +83,10 @@ def _deepseek(norm_default: bool, scale_key: str = "routed_scaling_factor",
     """Sigmoid scores, selection by score + correction bias (when the block has one) in
     the best groups, renormalized, scaled."""
     def routing(c: Any) -> dict:
-        return dict(scoring="sigmoid", renormalize=bool(_get(c, "norm_topk_prob", norm_default)),
-                    num_expert_group=int(_get(c, "n_group", 1)),
-                    topk_group=int(_get(c, "topk_group", 1)),
-                    routed_scaling_factor=float(_get(c, scale_key, 1.0)), epsilon=epsilon)
+        return dict(scoring="sigmoid", renormalize=_typed(c, "norm_topk_prob", norm_default, "bool"),
+                    num_expert_group=_typed(c, "n_group", 1, "int"),
+                    topk_group=_typed(c, "topk_group", 1, "int"),
+                    routed_scaling_factor=_typed(c, scale_key, 1.0, "number"), epsilon=epsilon)
     return routing
 
 
@@ -82,9 +96,9 @@ def _deepseek_v2(c: Any) -> dict:
         raise ValueError(f"deepseek_v2: topk_method {_get(c, 'topk_method')!r} is not "
                          "supported (transformers runs 'greedy' and 'group_limited_greedy')")
     return dict(renormalize=False,
-                routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
-                num_expert_group=int(_get(c, "n_group", 1)) if grouped else 1,
-                topk_group=int(_get(c, "topk_group", 1)) if grouped else 1)
+                routed_scaling_factor=_typed(c, "routed_scaling_factor", 1.0, "number"),
+                num_expert_group=_typed(c, "n_group", 1, "int") if grouped else 1,
+                topk_group=_typed(c, "topk_group", 1, "int") if grouped else 1)
 
 
 def _dbrx(c: Any) -> dict:
@@ -144,19 +158,19 @@ CONVENTIONS: dict[str, Convention] = {
     "nemotron_h": Convention(("mixer",), _deepseek(True), ("mlp_hidden_act",)),
     "afmoe": Convention(("mlp",), lambda c: dict(
         scoring="sigmoid", renormalize=True,
-        routed_scaling_factor=float(_get(c, "route_scale", 1.0)))),
+        routed_scaling_factor=_typed(c, "route_scale", 1.0, "number"))),
     "lfm2_moe": Convention(("feed_forward",), _deepseek(True, epsilon=1e-6), "silu"),
     "ernie4_5_moe": Convention(("mlp",), lambda c: dict(renormalize=True, epsilon=0.0)),
     "longcat_flash": Convention(("mlp",), lambda c: dict(
-        renormalize=False, routed_scaling_factor=float(_get(c, "routed_scaling_factor", 1.0)),
-        identity_experts=int(_get(c, "zero_expert_num", 0)))),
+        renormalize=False, routed_scaling_factor=_typed(c, "routed_scaling_factor", 1.0, "number"),
+        identity_experts=_typed(c, "zero_expert_num", 0, "int"))),
     "llama4": Convention(("feed_forward",), lambda c: dict(
         scoring="sigmoid", renormalize=False, weights_on_input=True), x_at_w=True),
     "phimoe": Convention(("block_sparse_moe", "mlp"), lambda c: dict(
-        scoring="sparsemixer", jitter_eps=float(_get(c, "router_jitter_noise", 0.01)))),
+        scoring="sparsemixer", jitter_eps=_typed(c, "router_jitter_noise", 0.01, "number"))),
     "gpt_oss": Convention(("mlp",), lambda c: dict(
-        scoring="softmax_after_topk", alpha=float(_get(c, "swiglu_alpha", 1.702)),
-        limit=float(_get(c, "swiglu_limit", 7.0))), "swigluoai", x_at_w=True, interleaved=True,
+        scoring="softmax_after_topk", alpha=_typed(c, "swiglu_alpha", 1.702, "number"),
+        limit=_typed(c, "swiglu_limit", 7.0, "number")), "swigluoai", x_at_w=True, interleaved=True,
         router_bias="router.bias"),
 }
 FAMILIES = tuple(CONVENTIONS)
@@ -198,13 +212,14 @@ class _Block:
 
     def __init__(self, get: Callable[[str], np.ndarray], names: list[str], where: str) -> None:
         self._get, self.names, self.where = get, set(names), where
+        self.label = where.rstrip(". :")  # the block itself, for messages
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.names:
-            raise ValueError(f"{self.where}: no tensor {name!r}")
+            raise ValueError(f"{self.label}: no tensor {name!r}")
         return np.asarray(self._get(name))
 
     def first(self, names: tuple[str, ...]) -> str | None:
@@ -225,13 +240,17 @@ def _stack(name: str, mats: list[np.ndarray], queue: Any, scratch: dict) -> Any:
     is copied as stored and transposed by a kernel (6-15x NumPy's transposing copy),
     through one staging buffer that the stacks of a block share (``scratch``)."""
     shapes = {m.shape for m in mats}
-    if len(shapes) != 1:
-        raise ValueError(f"{name}: the experts' matrices differ in shape: {sorted(shapes)}")
+    dtypes = {m.dtype for m in mats}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        raise ValueError(f"{name}: the experts' matrices differ in shape or dtype: "
+                         f"{sorted(shapes)}, {sorted(map(str, dtypes))}")
+    kind = float_kind(name, mats[0])  # TypeError naming the tensor for other dtypes
+    if 0 in mats[0].shape:
+        raise ValueError(f"{name}: empty matrices {mats[0].shape}")
     if queue is None:
         return np.stack(mats)
     from .kernels.transpose import make_transpose_kernel, packing
 
-    kind = float_kind(name, mats[0])
     (cols, rows), itemsize = shapes.pop(), mats[0].dtype.itemsize
     out = empty((len(mats), cols, rows), kind, queue)
     pages.advise(out)  # before the first touch: huge pages from the start
@@ -258,10 +277,9 @@ def _stack(name: str, mats: list[np.ndarray], queue: Any, scratch: dict) -> Any:
     return from_device(out, kind, False)
 
 
-def _experts(block: _Block, convention: Convention, num_experts: int | None, queue: Any
-             ) -> tuple[Any, Any, Any]:
+def _experts(block: _Block, convention: Convention, num_experts: int | None, queue: Any,
+             scratch: dict) -> tuple[Any, Any, Any]:
     """(gate or None, up [E, H, I], down [E, I, H]) of the block."""
-    scratch: dict = {}
     fp8 = "experts.0.gate_proj.weight_scale_inv" in block
     if fp8 or "experts.gate_up_proj_blocks" in block:
         return _quantized_experts(block, fp8)
@@ -272,34 +290,33 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
                     for n in (gate_name, up_name, down_name)
                     if f"experts.0.{n}.weight" in block}
             if up_name not in mats:
-                raise ValueError(f"{block.where}: experts.0.{down_name}.weight without "
+                raise ValueError(f"{block.label}: experts.0.{down_name}.weight without "
                                  f"experts.0.{up_name}.weight")
-            gate = mats.get(gate_name)
-            return (None if gate is None else _stack(f"experts.{gate_name}", gate, queue, scratch),
-                    _stack(f"experts.{up_name}", mats[up_name], queue, scratch),
-                    _stack(f"experts.{down_name}", mats[down_name], queue, scratch))
+            stacked = {n: _stack(f"{block.where}experts.{{e}}.{n}.weight", m, queue, scratch)
+                       for n, m in mats.items()}
+            return stacked.get(gate_name), stacked[up_name], stacked[down_name]
     if "experts.mlp.w1" in block:  # DBRX: [E * I, H] each; w2 is used as h @ w2_e
         w1, v1, w2 = (block[f"experts.mlp.{n}"] for n in ("w1", "v1", "w2"))
         if num_experts is None or w1.shape[0] % num_experts:
-            raise ValueError(f"{block.where}: experts.mlp.w1 {w1.shape} does not split into "
+            raise ValueError(f"{block.label}: experts.mlp.w1 {w1.shape} does not split into "
                              f"{num_experts} experts")
         inter = w1.shape[0] // num_experts
         parts = lambda w: [w[e * inter:(e + 1) * inter] for e in range(num_experts)]  # noqa: E731
-        return (_stack("experts.mlp.w1", [m.T for m in parts(w1)], queue, scratch),
-                _stack("experts.mlp.v1", [m.T for m in parts(v1)], queue, scratch),
-                _stack("experts.mlp.w2", parts(w2), queue, scratch))
+        return (_stack(block.where + "experts.mlp.w1", [m.T for m in parts(w1)], queue, scratch),
+                _stack(block.where + "experts.mlp.v1", [m.T for m in parts(v1)], queue, scratch),
+                _stack(block.where + "experts.mlp.w2", parts(w2), queue, scratch))
     if "experts.up_proj" in block and "experts.gate_up_proj" not in block:  # fused, not gated
         up, down = block["experts.up_proj"], block["experts.down_proj"]
-        return (None, _stack("experts.up_proj", [w.T for w in up], queue, scratch),
-                _stack("experts.down_proj", [w.T for w in down], queue, scratch))
+        return (None, _stack(block.where + "experts.up_proj", [w.T for w in up], queue, scratch),
+                _stack(block.where + "experts.down_proj", [w.T for w in down], queue, scratch))
     names = next(((a, b) for a, b in FUSED if a in block), None)
     if names is None:
-        raise ValueError(f"{block.where}: no expert tensors found (looked for "
+        raise ValueError(f"{block.label}: no expert tensors found (looked for "
                          f"experts.{{e}}.gate_proj.weight, experts.{{e}}.w1.weight, "
                          f"{', '.join(a for a, _ in FUSED)}, experts.mlp.w1)")
     gate_up, down = block[names[0]], block[names[1]]
     if gate_up.ndim != 3 or down.ndim != 3:
-        raise ValueError(f"{block.where}: {names[0]} and {names[1]} must be 3-D, got "
+        raise ValueError(f"{block.label}: {names[0]} and {names[1]} must be 3-D, got "
                          f"{gate_up.shape} and {down.shape}")
     if convention.x_at_w:  # [E, H, 2I] and [E, I, H]: already x @ W
         gate_up = gate_up.transpose(0, 2, 1)
@@ -309,15 +326,20 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
         gates, ups = gate_up[:, 0::2], gate_up[:, 1::2]
     else:
         gates, ups = gate_up[:, :inter], gate_up[:, inter:]
-    return (_stack(names[0], [w.T for w in gates], queue, scratch),
-            _stack(names[0], [w.T for w in ups], queue, scratch),
-            _stack(names[1], [w.T for w in down], queue, scratch))
+    return (_stack(block.where + names[0], [w.T for w in gates], queue, scratch),
+            _stack(block.where + names[0], [w.T for w in ups], queue, scratch),
+            _stack(block.where + names[1], [w.T for w in down], queue, scratch))
 
 
-def _bytes(a: np.ndarray) -> np.ndarray:
-    """One-byte elements (float8 or uint8) as their uint8 bits; others as they are (and
-    refused by the FP8 constructor)."""
-    return a.view(np.uint8) if a.dtype.itemsize == 1 else a
+def _bytes(a: np.ndarray, name: str) -> np.ndarray:
+    """float8_e4m3fn (or its uint8 bits) as uint8 bits; other one-byte kinds (e5m2, int8)
+    are refused here, others left to the FP8 constructor's refusal."""
+    if a.dtype.itemsize != 1:
+        return a
+    if a.dtype not in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(np.uint8)):
+        raise TypeError(f"{name}: FP8 weights with weight_scale_inv must be float8_e4m3fn, got "
+                        f"{a.dtype}")
+    return a.view(np.uint8)
 
 
 def _quantized_experts(block: _Block, fp8: bool) -> tuple[Any, Any, Any]:
@@ -331,29 +353,35 @@ def _quantized_experts(block: _Block, fp8: bool) -> tuple[Any, Any, Any]:
     def stacked(name: str) -> quant.QuantizedExperts:
         count = block.count("experts.{}.%s.weight" % name)
         # as bytes: stacking uint8 bits with float8 arrays would convert the bits by value
-        weights = np.stack([_bytes(block[f"experts.{e}.{name}.weight"]) for e in range(count)])
+        weights = np.stack([_bytes(block[f"experts.{e}.{name}.weight"],
+                                   f"{block.where}experts.{e}.{name}.weight")
+                            for e in range(count)])
         scales = np.stack([block[f"experts.{e}.{name}.weight_scale_inv"] for e in range(count)])
         return quant.from_fp8_checkpoint(weights, scales)
 
     return stacked("gate_proj"), stacked("up_proj"), stacked("down_proj")
 
 
-def _shared(block: _Block, sibling: _Block | None) -> dict:
-    """The shared expert's options ([in, out] float; an FP8 one dequantised: dpmoe keeps the
-    shared expert in float)."""
-    def matrix(source: _Block, name: str) -> np.ndarray:
+def _shared(block: _Block, sibling: _Block | None, queue: Any, scratch: dict) -> dict:
+    """The shared expert's options, [in, out] float (an FP8 one dequantised: dpmoe keeps
+    the shared expert in float), copied to the device like the experts (nothing of the
+    layer stays mapped from the file)."""
+    def matrix(source: _Block, name: str, rows: slice = slice(None)) -> Any:
         weight = source[f"{name}.weight"]
-        if f"{name}.weight_scale_inv" not in source:
-            return weight.T
-        scales = source[f"{name}.weight_scale_inv"]
-        return quant.from_fp8_checkpoint(_bytes(weight), scales).dequantize()[0]
+        if f"{name}.weight_scale_inv" in source:
+            scales = source[f"{name}.weight_scale_inv"]
+            return quant.from_fp8_checkpoint(_bytes(weight, f"{source.where}{name}.weight"),
+                                             scales).dequantize()[0]
+        if weight.ndim != 2:
+            raise ValueError(f"{source.where}{name}.weight must be 2-D, got {weight.shape}")
+        return _stack(f"{source.where}{name}.weight", [weight[rows].T], queue, scratch)[0]
 
     options: dict[str, Any] = {}
     if sibling is not None and "input_linear.weight" in sibling:  # Granite: [2Is, H] fused
-        gate_up = sibling["input_linear.weight"]
-        width = gate_up.shape[0] // 2
-        return dict(shared_gate_proj=gate_up[:width].T, shared_up_proj=gate_up[width:].T,
-                    shared_down_proj=sibling["output_linear.weight"].T)
+        width = sibling["input_linear.weight"].shape[0] // 2
+        return dict(shared_gate_proj=matrix(sibling, "input_linear", slice(0, width)),
+                    shared_up_proj=matrix(sibling, "input_linear", slice(width, None)),
+                    shared_down_proj=matrix(sibling, "output_linear"))
     prefix = next((p for p in SHARED if f"{p}.up_proj.weight" in block), None)
     if prefix is not None:
         if f"{prefix}.gate_proj.weight" in block:
@@ -372,30 +400,40 @@ def _build(family: str, block: _Block, config: Any, device: Any,
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     convention = CONVENTIONS[family]
     options = dict(convention.routing(config))
-    top_k = _first(config, ("num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k"))
-    if isinstance(top_k, (list, tuple)):  # Hunyuan: one per layer
-        top_k = top_k[0 if layer is None else layer]
+    names = [n for n in ("num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k")
+             if _get(config, n) is not None]
     if options.get("scoring") == "sparsemixer":
         top_k = 2  # PhiMoE's SparseMixer picks two, whatever num_experts_per_tok says
-    if top_k is None:
+    elif not names:
         raise ValueError(f"{family}: the config names no num_experts_per_tok")
+    else:
+        top_k = _get(config, names[0])
+        if isinstance(top_k, list):  # Hunyuan: one per layer
+            if layer is None or not 0 <= layer < len(top_k):
+                raise ValueError(f"config.json: {names[0]} is a list of {len(top_k)}; no entry "
+                                 f"for layer {layer}")
+            top_k = top_k[layer]
+        top_k = _typed({names[0]: top_k}, names[0], None, "int")
     router_name = block.first(ROUTER)
     if router_name is None:
-        raise ValueError(f"{block.where}: no router weight (looked for {', '.join(ROUTER)})")
-    router = block[router_name].astype(np.float32)  # [E (+ identity), H]
-    identity = int(options.get("identity_experts", 0))
+        raise ValueError(f"{block.label}: no router weight (looked for {', '.join(ROUTER)})")
+    router = block[router_name]
+    if router.ndim != 2:
+        raise ValueError(f"{block.where}{router_name} must be 2-D [E, H], got {router.shape}")
+    router = router.astype(np.float32)  # [E (+ identity), H]
+    identity = options.get("identity_experts", 0)
     num_experts = router.shape[0] - identity
-    configured = _first(config, ("n_routed_experts", "num_local_experts", "num_experts",
-                                 "moe_num_experts"))
-    if configured is not None and int(configured) != num_experts:
-        raise ValueError(f"{block.where}: {router_name} has {router.shape[0]} rows, but "
-                         f"config.json says {configured} experts"
+    configured = [n for n in ("n_routed_experts", "num_local_experts", "num_experts",
+                              "moe_num_experts") if _get(config, n) is not None]
+    if configured and _typed(config, configured[0], None, "int") != num_experts:
+        raise ValueError(f"{block.where}{router_name} has {router.shape[0]} rows, but "
+                         f"config.json says {_get(config, configured[0])} experts"
                          + (f" (+ {identity} identity experts)" if identity else ""))
     options["activation"] = _activation(convention, config)
     unsupported = sorted(n for n in block.names if n.endswith("_proj.bias") and "shared" in n
                          or "latent_proj" in n)
     if unsupported:
-        raise ValueError(f"{block.where}: {unsupported[0]} (shared expert biases, latent "
+        raise ValueError(f"{block.where}{unsupported[0]} (shared expert biases, latent "
                          "projections) is not supported")
     bias_name = block.first(CORRECTION_BIAS)
     if bias_name is not None:
@@ -406,23 +444,35 @@ def _build(family: str, block: _Block, config: Any, device: Any,
             options[option] = block[name].astype(np.float32)
     if "experts.gate_up_proj_bias" in block:
         biases = block["experts.gate_up_proj_bias"]
-        options.update(gate_bias=biases[:, ::2], up_bias=biases[:, 1::2])
+        if biases.ndim != 2:
+            raise ValueError(f"{block.where}experts.gate_up_proj_bias must be 2-D [E, 2I], got "
+                             f"{biases.shape}")
+        options.update(gate_bias=np.array(biases[:, ::2]), up_bias=np.array(biases[:, 1::2]))
     if "experts.down_proj_bias" in block:
-        options["down_bias"] = block["experts.down_proj_bias"]
+        options["down_bias"] = np.array(block["experts.down_proj_bias"])
     queue, _ = default_queue(device)
-    gate, up, down = _experts(block, convention, num_experts, queue)
+    # what the device will hold, checked before the first copy (from_numpy's own check then
+    # finds the experts already there)
+    memory.check_fits(queue, f"the MoE block {block.label}", {
+        "expert weights": sum(block[n].nbytes for n in block.names if n.startswith("experts.")),
+        "shared expert": sum(block[n].nbytes for n in block.names if n.startswith(SHARED))})
+    scratch: dict = {}
+    gate, up, down = _experts(block, convention, num_experts, queue, scratch)
     if up.shape[0] < num_experts:
-        raise ValueError(f"{block.where}: {up.shape[0]} experts' weights for {num_experts} "
+        raise ValueError(f"{block.label}: {up.shape[0]} experts' weights for {num_experts} "
                          "experts routed")
     if identity and gate is not None and gate.shape[0] > num_experts:
         gate, up = gate[:num_experts], up[:num_experts]  # LongCat stores unused rows
     if up.shape[1] != router.shape[1]:
-        raise ValueError(f"{block.where}: the experts' input size {up.shape[1]} is not the "
+        raise ValueError(f"{block.label}: the experts' input size {up.shape[1]} is not the "
                          f"router's hidden size {router.shape[1]}")
-    options.update(_shared(block, sibling))
-    return MoELayer.from_numpy(router.T, gate, up, down, int(top_k),
-                               device=device if queue is None else queue,
-                               **{"renormalize": False, **options})
+    options.update(_shared(block, sibling, queue, scratch))
+    try:
+        return MoELayer.from_numpy(router.T, gate, up, down, top_k,
+                                   device=device if queue is None else queue,
+                                   **{"renormalize": False, **options})
+    except (ValueError, TypeError) as e:  # name where the tensors came from
+        raise type(e)(f"{block.label}: {e}") from e
 
 
 def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: Any,
@@ -440,13 +490,14 @@ def from_state_dict(family: str, state_dict: Mapping[str, np.ndarray], config: A
         device: where the layer computes.
     """
     names = list(state_dict)
-    block = _Block(lambda n: state_dict[n], names, "state_dict")
+    block = _Block(lambda n: state_dict[n], names, "state_dict: ")
     sibling_name = CONVENTIONS.get(family, CONVENTIONS["mixtral"]).sibling_shared
     sibling = None
     if sibling_name is not None:
         prefix = sibling_name + "."
         sibling = _Block(lambda n: state_dict[prefix + n],
-                         [n[len(prefix):] for n in names if n.startswith(prefix)], "state_dict")
+                         [n[len(prefix):] for n in names if n.startswith(prefix)],
+                         f"state_dict: {prefix}")
     return _build(family, block, config, device, sibling)
 
 
@@ -473,50 +524,72 @@ def moe_layers(config: Mapping) -> list[int]:
     ``first_k_dense_replace``, ``mlp_only_layers``/``decoder_sparse_step``,
     ``moe_layers``/``interleave_moe_layer_step``, ``mlp_layer_types``, ``layers_block_type``,
     ``num_dense_layers``, ``moe_layer_interval``/``_start_index``/``_end_index``)."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be config.json's dict, got {type(config).__name__}")
     c = _text_config(dict(config))
-    if c.get("mlp_layer_types") is not None:
-        return [i for i, kind in enumerate(c["mlp_layer_types"]) if kind == "sparse"]
-    if c.get("layers_block_type") is not None:
-        return [i for i, kind in enumerate(c["layers_block_type"]) if kind == "moe"]
-    if c.get("hybrid_override_pattern") is not None:
-        return [i for i, kind in enumerate(c["hybrid_override_pattern"]) if kind == "E"]
-    count = _first(c, ("num_hidden_layers", "n_layers", "num_layers"))
-    if count is None:
+
+    def listed(name: str, kind: type) -> list:
+        value = c[name]
+        if not (isinstance(value, (list, str)) and all(isinstance(v, kind) and
+                                                       not isinstance(v, bool) for v in value)):
+            raise ValueError(f"config.json: {name} must be a list of {kind.__name__}, got "
+                             f"{value!r}")
+        return list(value)
+
+    for name, value in (("mlp_layer_types", "sparse"), ("layers_block_type", "moe"),
+                        ("hybrid_override_pattern", "E")):
+        if c.get(name) is not None:
+            return [i for i, kind in enumerate(listed(name, str)) if kind == value]
+    names = [n for n in ("num_hidden_layers", "n_layers", "num_layers") if c.get(n) is not None]
+    if not names:
         raise ValueError("config.json gives no number of layers (num_hidden_layers)")
-    count = int(count)
-    layers = range(count)
+    layers = range(_typed(c, names[0], None, "int"))
+
+    def step(name: str) -> int:
+        value = _typed(c, name, 1, "int")
+        if value < 1:
+            raise ValueError(f"config.json: {name} must be >= 1, got {value}")
+        return value
+
     if c.get("moe_layers") is not None:
-        return sorted(int(i) for i in c["moe_layers"])
+        return sorted(set(listed("moe_layers", int)) & set(layers))
     if c.get("interleave_moe_layer_step") is not None:
-        return list(range(int(c["interleave_moe_layer_step"]) - 1, count,
-                          int(c["interleave_moe_layer_step"])))
+        every = step("interleave_moe_layer_step")
+        return [i for i in layers if (i + 1) % every == 0]
     if c.get("moe_layer_interval") is not None:
-        start = int(c.get("moe_layer_start_index", 0))
-        end = int(c.get("moe_layer_end_index", -1))
-        end = count - 1 if end < 0 else end
-        return [i for i in layers if (i + 1) % int(c["moe_layer_interval"]) == 0
-                and start <= i <= end]
+        every = step("moe_layer_interval")
+        first = _typed(c, "moe_layer_start_index", 0, "int")
+        last = _typed(c, "moe_layer_end_index", -1, "int")
+        last = len(layers) - 1 if last < 0 else last
+        return [i for i in layers if (i + 1) % every == 0 and first <= i <= last]
     if c.get("decoder_sparse_step") is not None or c.get("mlp_only_layers") is not None:
-        step = int(c.get("decoder_sparse_step") or 1)
-        dense = set(c.get("mlp_only_layers") or ())
-        return [i for i in layers if i not in dense and (i + 1) % step == 0]
-    for key in ("first_k_dense_replace", "num_dense_layers"):
-        if c.get(key) is not None:
-            return [i for i in layers if i >= int(c[key])]
+        every = step("decoder_sparse_step")
+        dense = set(listed("mlp_only_layers", int)) if c.get("mlp_only_layers") else set()
+        return [i for i in layers if i not in dense and (i + 1) % every == 0]
+    for name in ("first_k_dense_replace", "num_dense_layers"):
+        if c.get(name) is not None:
+            return [i for i in layers if i >= _typed(c, name, 0, "int")]
     return list(layers)
+
+
+# where the decoder layers of a checkpoint live, in the order looked for (a multi-token
+# prediction head's `mtp.layers.N.` and a vision tower's blocks are not decoder layers)
+LAYER_ROOTS = ("model.layers.", "model.language_model.layers.", "language_model.model.layers.",
+               "model.language_model.model.layers.", "backbone.layers.", "transformer.blocks.",
+               "model.decoder.layers.", "layers.")
 
 
 def _block_prefix(checkpoint: Checkpoint, layer: int, blocks: tuple[str, ...]) -> str:
     """Where decoder layer ``layer``'s block lives: ``model.layers.{i}.mlp.``,
     ``backbone.layers.{i}.mixer.``, ``transformer.blocks.{i}.ffn.``,
-    ``model.language_model.layers.{i}.mlp.``, ... (the shortest that has tensors)."""
-    pattern = re.compile(r"^(.*?\b(?:layers|blocks)\.%d\.)(\w+)\." % layer)
-    found = sorted({m.group(1) + m.group(2) + "." for n in checkpoint.names()
-                    if (m := pattern.match(n)) and m.group(2) in blocks}, key=len)
-    if not found:
-        raise CheckpointError(f"{checkpoint.path}: no {' or '.join(blocks)} tensors of decoder "
-                              f"layer {layer}")
-    return found[0]
+    ``model.language_model.layers.{i}.mlp.``, ... (:data:`LAYER_ROOTS`, first found)."""
+    for root in LAYER_ROOTS:
+        for block in blocks:
+            prefix = f"{root}{layer}.{block}."
+            if checkpoint.names(prefix):
+                return prefix
+    raise CheckpointError(f"{checkpoint.path}: no {' or '.join(blocks)} tensors of decoder "
+                          f"layer {layer} (under {', '.join(LAYER_ROOTS)})")
 
 
 def from_pretrained(path: str | Checkpoint, layer: int, family: str | None = None,
@@ -560,10 +633,10 @@ def from_pretrained(path: str | Checkpoint, layer: int, family: str | None = Non
     return _build(family, part(prefix), text, device, sibling, layer)
 
 
-def all_from_pretrained(path: str, family: str | None = None, device: Any = None
+def all_from_pretrained(path: str | Checkpoint, family: str | None = None, device: Any = None
                         ) -> dict[int, MoELayer]:
     """Every MoE block of the checkpoint directory ``path``: {decoder layer: MoELayer}
     (dense layers skipped as config.json says; :func:`from_pretrained` for the rest)."""
-    checkpoint = Checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
     return {i: from_pretrained(checkpoint, i, family, device)
             for i in moe_layers(checkpoint.config)}

@@ -14,6 +14,7 @@ from dpmoe.checkpoint import Checkpoint, CheckpointError
 
 NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
          np.dtype(np.float16): "F16", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+         np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
          np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32"}
 
 
@@ -99,7 +100,7 @@ def test_truncated_headers_and_missing_pieces_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="header length 10000 runs past the file"):
         Checkpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"{ab}")
-    with pytest.raises(CheckpointError, match="the header is not JSON"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(its header\): not JSON"):
         Checkpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x01")
     with pytest.raises(CheckpointError, match="truncated: 1 bytes"):
@@ -224,3 +225,123 @@ def test_stacking_transposes_checkpoint_matrices_bit_for_bit(rng, dtype, rows, c
     got = to_host(models._stack("w", [m.T for m in stored], queue, {}))
     want = np.stack([m.T for m in stored])
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+def qwen2_like(rng, dtype=np.float32, num_experts=4, hidden=16, inter=8):
+    """An OLMoE-style layer plus a gated shared expert, by Qwen2-MoE's names."""
+    p = "model.layers.0.mlp."
+    shapes = {p + "gate.weight": (num_experts, hidden), p + "shared_expert_gate.weight": (1, hidden)}
+    for owner in [f"experts.{e}." for e in range(num_experts)] + ["shared_expert."]:
+        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                            ("down_proj", (hidden, inter))):
+            shapes[f"{p}{owner}{name}.weight"] = shape
+    tensors = {k: rng.standard_normal(shape).astype(dtype) for k, shape in shapes.items()}
+    config = {"model_type": "qwen2_moe", "num_hidden_layers": 1, "num_experts": num_experts,
+              "num_experts_per_tok": 2, "norm_topk_prob": False}
+    return tensors, config
+
+
+def test_the_decoder_layers_block_is_taken_not_an_mtp_or_vision_copy(tmp_path, rng):
+    tensors, config = qwen2_like(rng)
+    copies = {}
+    for root in ("mtp.layers.0.", "model.visual.blocks.0.", "mtp."):
+        copies.update({root + k[len("model.layers.0."):]: v * 0.5 for k, v in tensors.items()})
+    layer = models.from_pretrained(folder_with(tmp_path, {**tensors, **copies}, config), 0)
+    assert np.array_equal(layer.weights()["router"], tensors["model.layers.0.mlp.gate.weight"].T)
+
+
+def test_a_built_layer_keeps_nothing_mapped_from_the_file(tmp_path, rng):
+    import mmap
+
+    from dpmoe.device import is_device_array
+
+    def mapped(a):
+        while a is not None and not isinstance(a, mmap.mmap):
+            a = getattr(a, "base", None) if isinstance(a, np.ndarray) else None
+        return a is not None
+
+    tensors, config = qwen2_like(rng)
+    layer = models.from_pretrained(folder_with(tmp_path, tensors, config), 0)
+    given = layer._given
+    assert not any(isinstance(a, np.ndarray) and not is_device_array(a) and mapped(a)
+                   for a in given.values())
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda t, c: t.update({"model.layers.0.mlp.experts.3.up_proj.weight":
+                            t["model.layers.0.mlp.experts.3.up_proj.weight"].astype(np.float16)}),
+     ValueError, r"experts\.\{e\}\.up_proj\.weight: the experts' matrices differ in shape or dtype"),
+    (lambda t, c: t["model.layers.0.mlp.gate.weight"].__setitem__((1, 3), np.nan),
+     ValueError, "router"),
+    (lambda t, c: t.update({"model.layers.0.mlp.gate.weight": np.ones(4, np.float32)}),
+     ValueError, r"gate\.weight must be 2-D"),
+    (lambda t, c: c.update(num_experts_per_tok=2.7), ValueError,
+     "config.json: num_experts_per_tok must be an int"),
+    (lambda t, c: c.update(norm_topk_prob="false"), ValueError,
+     "config.json: norm_topk_prob must be a bool"),
+    (lambda t, c: c.update(decoder_sparse_step=0), ValueError,
+     "config.json: decoder_sparse_step must be >= 1"),
+    (lambda t, c: c.update(mlp_only_layers=["0"]), ValueError,
+     "config.json: mlp_only_layers must be a list of int"),
+])
+def test_bad_tensors_and_config_values_are_named(tmp_path, rng, edit, error, message):
+    tensors, config = qwen2_like(rng)
+    edit(tensors, config)
+    with pytest.raises(error, match=message):
+        models.from_pretrained(folder_with(tmp_path, tensors, config), 0)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]},
+    {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]},
+])
+def test_malformed_header_values_are_checkpoint_errors(tmp_path, entry):
+    folder = folder_with(tmp_path, {"a": np.ones(2, np.float32)},
+                         header_edit=lambda h: h.update(a=entry))
+    with pytest.raises(CheckpointError, match="tensor 'a'"):
+        Checkpoint(folder)
+
+
+def test_odd_files_are_checkpoint_errors(tmp_path):
+    folder = folder_with(tmp_path, {"a": np.ones(2, np.float32)})
+    (folder / "config.json").write_bytes(b"[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: not a JSON object"):
+        Checkpoint(folder)
+    (folder / "config.json").write_bytes(b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    with pytest.raises(CheckpointError, match="config.json: not JSON"):
+        Checkpoint(folder)
+    (folder / "config.json").write_bytes(b'{"model_type": "olm\xffoe"}')
+    with pytest.raises(CheckpointError, match="config.json: not JSON"):
+        Checkpoint(folder)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "../model.safetensors"}}))
+    with pytest.raises(CheckpointError, match="is not a file name in the model's directory"):
+        Checkpoint(folder)
+
+
+def test_a_layer_that_cannot_fit_is_refused_before_anything_is_copied(tmp_path, rng,
+                                                                      monkeypatch):
+    tensors, config = qwen2_like(rng)
+    folder = folder_with(tmp_path, tensors, config)
+    monkeypatch.setattr(memory, "device_memory", lambda queue: (1 << 10, 1 << 10))
+    monkeypatch.setattr(memory, "_host_available", lambda: 1 << 10)
+    with memory.track_allocations() as made, pytest.raises(MemoryError, match="expert weights"):
+        models.from_pretrained(folder, 0)
+    assert sum(made) == 0
+
+
+def test_fp8_weights_of_another_kind_are_refused(tmp_path, rng):
+    p = "model.layers.0.mlp."
+    tensors = {p + "gate.weight": rng.standard_normal((2, 32)).astype(np.float32)}
+    for e in range(2):
+        for name, shape in (("gate_proj", (16, 32)), ("up_proj", (16, 32)), ("down_proj", (32, 16))):
+            tensors[f"{p}experts.{e}.{name}.weight"] = rng.standard_normal(shape).astype(
+                ml_dtypes.float8_e5m2)
+            tensors[f"{p}experts.{e}.{name}.weight_scale_inv"] = np.ones((1, 1), np.float32)
+    config = {"model_type": "deepseek_v3", "num_hidden_layers": 1, "n_routed_experts": 2,
+              "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1}
+    with pytest.raises(TypeError, match=r"experts\.0\.gate_proj\.weight: FP8 weights .* float8_e5m2"):
+        models.from_pretrained(folder_with(tmp_path, tensors, config), 0)

@@ -83,7 +83,7 @@ def test_a_config_that_disagrees_with_the_tensors_is_named(zoo, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["num_experts"] = 7
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"mlp\.: gate\.weight has 6 rows, but config.json says 7"):
+    with pytest.raises(ValueError, match=r"mlp\.gate\.weight has 6 rows, but config.json says 7"):
         models.from_pretrained(folder, 0)
     config["model_type"] = "not_a_moe"
     (folder / "config.json").write_text(json.dumps(config))

@@ -297,6 +297,9 @@ def _experts(block: _Block, convention: Convention, num_experts: int | None, que
             return stacked.get(gate_name), stacked[up_name], stacked[down_name]
     if "experts.mlp.w1" in block:  # DBRX: [E * I, H] each; w2 is used as h @ w2_e
         w1, v1, w2 = (block[f"experts.mlp.{n}"] for n in ("w1", "v1", "w2"))
+        if not w1.ndim == 2 or w1.shape != v1.shape or w1.shape != w2.shape:
+            raise ValueError(f"{block.where}experts.mlp.w1, v1 and w2 must have one 2-D shape, "
+                             f"got {w1.shape}, {v1.shape}, {w2.shape}")
         if num_experts is None or w1.shape[0] % num_experts:
             raise ValueError(f"{block.label}: experts.mlp.w1 {w1.shape} does not split into "
                              f"{num_experts} experts")
@@ -420,6 +423,7 @@ def _build(family: str, block: _Block, config: Any, device: Any,
     router = block[router_name]
     if router.ndim != 2:
         raise ValueError(f"{block.where}{router_name} must be 2-D [E, H], got {router.shape}")
+    float_kind(f"{block.where}{router_name}", router)
     router = router.astype(np.float32)  # [E (+ identity), H]
     identity = options.get("identity_experts", 0)
     num_experts = router.shape[0] - identity
@@ -614,6 +618,8 @@ def from_pretrained(path: str | Checkpoint, layer: int, family: str | None = Non
     if family not in CONVENTIONS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     text = _text_config(config)
+    if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, got {layer!r}")
     sparse = moe_layers(config)
     if layer not in sparse:
         raise ValueError(f"layer {layer} of {checkpoint.path} has no MoE block (MoE layers: "

@@ -883,6 +883,42 @@ def plot(rows: list[dict], path: str | Path, title: str = "", device: str = "") 
     return path
 
 
+def plot_formats(rows: list[dict], path: str | Path, title: str = "", device: str = "") -> Path:
+    """A PNG of dpmoe's time per call by weight format (a bar per dtype, bars from min to
+    max), one panel per (config, token count): the quantized formats next to bf16. Returns
+    the absolute path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows if "dpmoe_ms" in r.get("stats", {})))
+    panels = list(dict.fromkeys((r["config"], r["tokens"]) for r in rows))
+    columns = min(4, len(panels))
+    lines = -(-len(panels) // columns)
+    fig = Figure(figsize=(3.2 * columns + 1, 2.9 * lines + 1.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(lines, columns, squeeze=False)
+    for ax, (config, tokens) in zip(axes.flat, panels):
+        found = {r["dtype"]: r for r in rows if (r["config"], r["tokens"]) == (config, tokens)
+                 and "dpmoe_ms" in r.get("stats", {})}
+        names = [d for d in dtypes if d in found]
+        stats = [found[d]["stats"]["dpmoe_ms"] for d in names]
+        med = np.array([x["median"] for x in stats])
+        err = np.array([med - [x["min"] for x in stats], [x["max"] for x in stats] - med])
+        ax.bar(range(len(names)), med, yerr=err, capsize=3,
+               color=[f"C{dtypes.index(d)}" for d in names])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{config}, T={tokens}", fontsize=9)
+        ax.set_ylabel("ms per call")
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    text = [line for t in (title, device) if t for line in textwrap.wrap(t, 13 * columns * 3)]
+    fig.suptitle("\n".join(text), fontsize=10)
+    path = Path(path).resolve()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -1084,6 +1120,9 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"python -m dpmoe.bench --test {args.test}: time per call, median of {repeats} "
                  "calls (bars: min-max)")
         print(f"wrote plot: {plot(rows, args.plot, title, machine)}")
+        if any(r.get("dtype") in quant.FORMATS for r in rows):  # a bar per weight format
+            bars = Path(args.plot).with_name(Path(args.plot).stem + "_formats.png")
+            print(f"wrote plot: {plot_formats(rows, bars, title, machine)}")
     return 0
 
 

@@ -170,3 +170,24 @@ def test_default_config_warns_once_per_process(tmp_path):
     assert result["warned"] == 1
     assert "python -m dpmoe.bench --tune" in result["message"]
     assert str(tmp_path) in result["message"]  # where --tune would write
+
+
+@needs_device
+def test_quantized_formats_get_a_bar_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--config", "tiny", "--tokens", "1", "--dtype", "bfloat16", "int8",
+                       "--repeats", "1", "--json", "rows.json", "--plot", "times.png"]) == 0
+    out = capsys.readouterr().out
+    plots = re.findall(r"wrote plot: (\S+)", out)
+    assert [Path(p).name for p in plots] == ["times.png", "times_formats.png"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+@needs_device
+def test_load_run_compares_a_build_with_a_plain_read(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bench.main(["--test", "load", "--config", "tiny", "--dtype", "bfloat16",
+                       "--repeats", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["MB"] > 0 and row["read_GBps"] > 0 and row["load_GBps"] > 0
+    assert row["load_vs_read_pct"] == pytest.approx(100 * row["read_ms"] / row["load_ms"])

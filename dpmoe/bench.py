@@ -691,6 +691,38 @@ def run_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_peers(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """Each peer's times as ``<peer>_ms`` columns of the float rows (same weights, tokens and
+    routings as dpmoe's, through :mod:`dpmoe.peers`), ``speedup_vs_<peer>``; notes on what
+    ran where and on any peer that failed or disagreed with the reference."""
+    from . import peers
+
+    notes = []
+    groups = dict.fromkeys((r["config"], r["dtype"]) for r in rows
+                           if r["dtype"] in ("float32", "bfloat16"))
+    for config, dtype in _progress(list(groups), "peers"):
+        weights = make_weights(config, dtype)
+        mine = {r["tokens"]: r for r in rows if (r["config"], r["dtype"]) == (config, dtype)}
+        token_counts = sorted(set(mine) | {peers.CHECK_TOKENS})
+        inputs = {t: make_inputs(config, dtype, t) for t in token_counts}
+        for peer in args.peers:
+            result = peers.run(peer, weights, inputs, dtype, args.repeats, WARMUP)
+            if "error" in result:
+                notes.append(f"peer {peer}, {config} {dtype}: {result['error']}")
+                continue
+            if not result["passed"]:
+                notes.append(f"peer {peer}, {config} {dtype}: FAILED the check at T="
+                             f"{peers.CHECK_TOKENS} (error {result['check_error']:.1e} of the "
+                             "output's scale): not timed")
+                continue
+            notes.append(f"peer {result['version']}, {config} {dtype}: check at T="
+                         f"{peers.CHECK_TOKENS} passed (error {result['check_error']:.1e})")
+            for tokens, row in mine.items():
+                record(row, f"{peer}_ms", result["seconds"][tokens])
+                row[f"speedup_vs_{peer}"] = row[f"{peer}_ms"] / row["dpmoe_ms"]
+    return notes
+
+
 def tune(config: str, dtype: str, token_counts: list[int], repeats: int,
          directory: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Measure both paths at each token count; save the faster per count through
@@ -772,7 +804,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
 TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "replies", "plan", "dpmoe_ms", "dpmoe_path",
                  "grouped_ms", "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms",
                  "reference_ms", "GFLOPs", "bytes_per_weight", "GBps", "roofline_pct",
-                 "speedup_vs_torch", "speedup_vs_bf16", "ep_ms",
+                 "speedup_vs_torch", "ipex_ms", "speedup_vs_ipex", "speedup_vs_bf16", "ep_ms",
                  "tokens_per_s", "alltoall_pct", "experts_pct", "route_combine_pct",
                  "bytes_per_token", "MB", "read_ms", "load_ms", "read_GBps", "load_GBps",
                  "load_vs_read_pct")
@@ -782,7 +814,8 @@ HIDDEN_IN_MOE_TABLE = ("grouped_ms", "per_token_ms")
 PLOT_SERIES = (("grouped_ms", "dpmoe grouped"), ("per_token_ms", "dpmoe per_token"),
                ("dpmoe_ms", "dpmoe"), ("torch_masked_ms", "torch masked loop"),
                ("torch_grouped_ms", "torch grouped loop"), ("torch_ms", "torch"),
-               ("naive_dpnp_ms", "naive dpnp loop"), ("reference_ms", "NumPy reference"))
+               ("naive_dpnp_ms", "naive dpnp loop"), ("reference_ms", "NumPy reference"),
+               ("ipex_ms", "IPEX 2.8"))
 
 
 def _fmt_ms(v: float) -> str:
@@ -982,6 +1015,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replies", nargs="+", default=["float32"], choices=["float32", "tokens"],
                         help="--test ep: the dtype expert outputs travel back in (float32: "
                              "bit-identical to one process; tokens: the tokens' dtype)")
+    parser.add_argument("--peers", nargs="+", default=[], metavar="PEER",
+                        help="also time these peers, each in its own virtual environment "
+                             "(dpmoe.peers: ipex = IPEX 2.8's fused_experts for bf16, "
+                             "GatedMLPMOE for float32; pytorch = a plain PyTorch loop), on the same "
+                             "weights, tokens and routings, after checking each against the "
+                             "reference at T=16 (--test moe, float32 and bfloat16)")
+    parser.add_argument("--setup-peers", nargs="+", default=[], metavar="PEER",
+                        help="create the peers' virtual environments (under DPMOE_PEERS_DIR, "
+                             "default ~/.cache/dpmoe/peers) and exit")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="--test load: time this checkpoint directory (its --layer) instead "
                              "of checkpoints written for --config and --dtype")
@@ -1044,6 +1086,12 @@ def main(argv: list[str] | None = None) -> int:
     if about["backend"] != "sycl":
         print(f"no SYCL device: {about['fallback_reason']}")
         return 1
+    if args.setup_peers:
+        from . import peers
+
+        for peer in args.setup_peers:
+            print(f"{peer}: {peers.setup(peer)}")
+        return 0
     if args.tune:
         return run_tune(args)
     if args.test == "ep":
@@ -1070,6 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
                 work = Workload(config, dtype)
             rows.append(_measure(args, work, config, dtype, tokens, limits, torch))
     work = None
+    peer_notes = add_peers(rows, args) if args.peers and args.test == "moe" else []
 
     print(f"device: {machine}")
     notes = []
@@ -1103,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("plan: no tuned config for " + ", ".join(f"{c} {d}" for c, d in untuned)
                      + " on this device, the default chose the path; `--tune` writes one to "
                      + str(str(user_config_dir())))
-    for note in notes:
+    for note in peer_notes + notes:
         print(note)
     out = Path(args.json).resolve()
     with open(out, "w") as f:

@@ -199,8 +199,9 @@ def _activation(convention: Convention, config: Any) -> str:
     name = _first(config, convention.activation, "silu")
     if isinstance(name, Mapping):  # DBRX: {"name": "silu"}
         name = name.get("name", "silu")
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported (dpmoe runs {sorted(ACTIVATIONS)})")
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"config.json: activation {name!r} is not supported (dpmoe runs "
+                         f"{sorted(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 

@@ -191,3 +191,29 @@ def test_load_run_compares_a_build_with_a_plain_read(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["MB"] > 0 and row["read_GBps"] > 0 and row["load_GBps"] > 0
     assert row["load_vs_read_pct"] == pytest.approx(100 * row["read_ms"] / row["load_ms"])
+
+
+@needs_device
+def test_peers_run_in_their_own_interpreter_checked_against_the_reference(tmp_path, capsys,
+                                                                           monkeypatch):
+    pytest.importorskip("torch")
+    from dpmoe import peers
+
+    out = tmp_path / "rows.json"
+    argv = ["--config", "tiny", "--tokens", "1", "--dtype", "float32", "--repeats", "1",
+            "--peers", "pytorch", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert re.search(r"peer pytorch .* tiny float32: check at T=16 passed",
+                     capsys.readouterr().out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["pytorch_ms"] > 0 and row["speedup_vs_pytorch"] > 0
+    # a peer whose check fails is named and not timed
+    monkeypatch.setitem(peers.CHECK_TOLERANCE, "float32", -1.0)
+    assert bench.main(argv) == 0
+    assert "peer pytorch, tiny float32: FAILED the check at T=16" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "pytorch_ms" not in row
+    # a peer without its environment says how to make it
+    monkeypatch.setenv("DPMOE_PEERS_DIR", str(tmp_path / "none"))
+    assert bench.main(argv[:-4] + ["--peers", "ipex", "--json", str(out)]) == 0
+    assert "python -m dpmoe.bench --setup-peers ipex" in capsys.readouterr().out

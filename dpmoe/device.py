@@ -75,11 +75,18 @@ def _queue_for(spec: Any) -> Any:
     from dpctl._sycl_queue_manager import get_device_cached_queue
 
     if isinstance(spec, dpctl.SyclQueue):
-        return spec
-    if spec is None:
-        return get_device_cached_queue(dpctl.select_default_device())
-    if isinstance(spec, (str, dpctl.SyclDevice)):
-        return get_device_cached_queue(spec)
+        queue = spec
+    elif spec is None:
+        queue = get_device_cached_queue(dpctl.select_default_device())
+    elif isinstance(spec, (str, dpctl.SyclDevice)):
+        queue = get_device_cached_queue(spec)
+    else:
+        queue = None
+    if queue is not None:
+        if queue.sycl_device.parent_device is not None:
+            raise ValueError(f"{queue.sycl_device.name} is a sub-device; numba-dpex 0.23 "
+                             "launches kernels on root devices only")
+        return queue
     raise TypeError(
         "device must be a dpctl filter string, dpctl.SyclDevice or dpctl.SyclQueue, "
         f"got {type(spec).__name__}"

@@ -175,7 +175,8 @@ class ExpertParallelMoE(MoELayer):
             per-token path) or "tokens" (expert outputs travel back in the tokens' dtype:
             half the return bytes for 16-bit tokens, one more rounding per slot).
         device: this rank's device (dpctl filter string, SyclDevice or SyclQueue; default:
-            the default device). On one machine, one CPU device or sub-device per rank.
+            the default device). On one machine, one CPU device per rank (not a
+            sub-device: numba-dpex 0.23 launches kernels on root devices only).
         top_k, renormalize, options: as :meth:`dpmoe.MoELayer.from_numpy` (except
             ``held_experts``, which the placement decides).
     """

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import ON_DEVICE, assert_close, normal
+from conftest import ON_DEVICE, assert_close, needs_device, normal
 
 import dpmoe
 from dpmoe import reference
@@ -127,3 +127,18 @@ def test_dpnp_imported_before_dpmoe_still_sees_the_device():
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[0] == "sycl", run.stdout + run.stderr
+
+
+@needs_device
+def test_a_sub_device_is_refused_by_name_not_crashed_on(rng):
+    import dpctl
+
+    root = dpmoe.device.default_queue(None)[0].sycl_device
+    try:
+        sub = root.create_sub_devices(partition=1)[0]
+    except Exception:  # noqa: BLE001 - a device that cannot be partitioned has no sub-device
+        pytest.skip("the default device cannot be partitioned")
+    with pytest.warns(RuntimeWarning, match="is a sub-device; numba-dpex 0.23 launches kernels"):
+        layer = dpmoe.MoELayer(16, 8, 4, device=dpctl.SyclQueue(sub), seed=0)
+        out = layer(rng.standard_normal((2, 16)).astype(np.float32))
+    assert layer.device is None and out.shape == (2, 16)

@@ -245,9 +245,8 @@ class MoELayer:
             return
         h = self._given
 
-        def f32(a: Any) -> Any:
-            return None if a is None else to_device(np.ascontiguousarray(to_host(a), np.float32),
-                                                    queue)
+        def f32(a: Any) -> Any:  # the small arrays, host copies by now
+            return None if a is None else to_device(np.ascontiguousarray(a, np.float32), queue)
 
         self._router, self._router_bias = f32(h["router"]), f32(h["router_bias"])
         self._correction_bias = f32(h["correction_bias"])

@@ -11,7 +11,6 @@ on the same inputs; a peer that disagrees is reported as failing, not timed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 
 from . import reference
 from .arrays import BFLOAT16
+from .tuning import user_cache_dir
 
 # peer -> what its environment installs (IPEX 2.8's CPU build pairs with torch 2.8.*);
 # "pytorch" is plain PyTorch in dpmoe's own environment, the worker protocol's test peer
@@ -37,11 +37,7 @@ WORKER = Path(__file__).with_name("peer_worker.py")
 
 def peers_dir() -> Path:
     """``DPMOE_PEERS_DIR``, else ``$XDG_CACHE_HOME/dpmoe/peers`` (``~/.cache/dpmoe/peers``)."""
-    given = os.environ.get("DPMOE_PEERS_DIR")
-    if given:
-        return Path(given).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "dpmoe" / "peers"
+    return user_cache_dir("peers", "DPMOE_PEERS_DIR")
 
 
 def interpreter(peer: str) -> Path:

@@ -41,14 +41,20 @@ class DefaultConfigWarning(UserWarning):
     """No tuned config for this shape and device: the heuristic default is used."""
 
 
-def user_config_dir() -> Path:
-    """Where tuned configs of this user live: ``DPMOE_TUNED_CONFIG_DIR`` or
-    ``$XDG_CACHE_HOME/dpmoe/tuned`` (default ``~/.cache/dpmoe/tuned``)."""
-    given = os.environ.get("DPMOE_TUNED_CONFIG_DIR")
+def user_cache_dir(name: str, variable: str) -> Path:
+    """A folder of this user's dpmoe files: the environment variable ``variable`` if set,
+    else ``$XDG_CACHE_HOME/dpmoe/<name>`` (default ``~/.cache/dpmoe/<name>``)."""
+    given = os.environ.get(variable)
     if given:
         return Path(given).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "dpmoe" / "tuned"
+    return Path(cache) / "dpmoe" / name
+
+
+def user_config_dir() -> Path:
+    """Where tuned configs of this user live: ``DPMOE_TUNED_CONFIG_DIR`` or
+    ``$XDG_CACHE_HOME/dpmoe/tuned`` (default ``~/.cache/dpmoe/tuned``)."""
+    return user_cache_dir("tuned", "DPMOE_TUNED_CONFIG_DIR")
 
 
 def config_file_name(num_experts: int, inter: int, dtype: str, device_name: str) -> str:

@@ -117,6 +117,25 @@ def _block_gemv_source(block: int) -> str:
                                    store="\n".join(store))
 
 
+def kernel_namespace(in_kind: str, block: int, cols: int, two_matrices: bool,
+                     rows_by_token: bool) -> dict:
+    """What the generated GEMV sources (this module's and the quantized ones) read: the
+    input loader, the barrier and the constants of one specialisation."""
+    return {
+        "np": np,
+        "load_in": loader(in_kind),
+        "group_barrier": kapi.group_barrier,
+        "ZERO": np.float32(0.0),
+        "BLOCK": block,
+        "COLS": cols,
+        "TWO": two_matrices,
+        "WIDTH": 2 if two_matrices else 1,
+        "BY_TOKEN": rows_by_token,
+        "ROWS_PER_SPLIT": ROWS_PER_SPLIT,
+        "ROWS_PER_BARRIER": ROWS_PER_BARRIER,
+    }
+
+
 def split_k_grid(n_units: int, n_rows: int, n_blocks: int) -> tuple:
     """(NdRange, splits, tiles) of a GEMV over ``n_units`` work-items per row, ``n_rows``
     rows and ``n_blocks`` blocks of slots: one work-group per (block, split, tile)."""
@@ -141,19 +160,8 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
     ``rows_by_token``: a slot's input row is its token's (gate/up), else its block position's
     (down, whose input is the activation).
     """
-    namespace = {
-        "load_in": loader(in_kind),
-        "load_w": pair_loader(w_kind) if cols == 2 else _single_loader(w_kind),
-        "group_barrier": kapi.group_barrier,
-        "ZERO": np.float32(0.0),
-        "BLOCK": block,
-        "COLS": cols,
-        "TWO": two_matrices,
-        "WIDTH": 2 if two_matrices else 1,
-        "BY_TOKEN": rows_by_token,
-        "ROWS_PER_SPLIT": ROWS_PER_SPLIT,
-        "ROWS_PER_BARRIER": ROWS_PER_BARRIER,
-    }
+    namespace = dict(kernel_namespace(in_kind, block, cols, two_matrices, rows_by_token),
+                     load_w=pair_loader(w_kind) if cols == 2 else _single_loader(w_kind))
     exec(compile(_block_gemv_source(block), f"<block_gemv_kernel block={block}>", "exec"), namespace)
     block_gemv_kernel = dpex.kernel(namespace["block_gemv_kernel"])
 

@@ -22,10 +22,9 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
-from .gemv import GRID_PROLOGUE, ROWS_PER_BARRIER, split_k_grid
+from .gemv import GRID_PROLOGUE, kernel_namespace, split_k_grid
 from .launch import call
-from .numerics import bits_as_f32, f32_as_bits, loader, storer
-from .sizes import ROWS_PER_SPLIT
+from .numerics import bits_as_f32, f32_as_bits, storer
 
 FP8_BLOCK = 128  # fp8_block's scale blocks are 128 x 128
 MX_BLOCK = 32  # mxfp4's scale blocks are 32 values along K
@@ -174,25 +173,10 @@ def make_quant_gemv_kernel(fmt: str, in_kind: str, block: int, cols: int, two_ma
     arguments and output), plus the scales ``s_a``/``s_b``. ``w_a``/``w_b``: the format's
     bytes as uint32 words when ``cols`` is 4 or more (cols / 4 words per row), else as
     uint8."""
-    namespace = {
-        "np": np,
-        "load_in": loader(in_kind),
-        "int8_value": int8_value,
-        "fp8_value": fp8_value,
-        "fp4_value": fp4_value,
-        "e8m0_value": e8m0_value,
-        "group_barrier": kapi.group_barrier,
-        "ZERO": np.float32(0.0),
-        "BLOCK": block,
-        "COLS": cols,
-        "TWO": two_matrices,
-        "WIDTH": 2 if two_matrices else 1,
-        "BY_TOKEN": rows_by_token,
-        "STEP": 2 if fmt == "mxfp4" else 1,
-        "WORDS": max(1, cols // 4),
-        "ROWS_PER_SPLIT": ROWS_PER_SPLIT,
-        "ROWS_PER_BARRIER": ROWS_PER_BARRIER,
-    }
+    namespace = dict(kernel_namespace(in_kind, block, cols, two_matrices, rows_by_token),
+                     int8_value=int8_value, fp8_value=fp8_value, fp4_value=fp4_value,
+                     e8m0_value=e8m0_value, STEP=2 if fmt == "mxfp4" else 1,
+                     WORDS=max(1, cols // 4))
     source = _gemv_source(fmt, block, cols, two_matrices)
     exec(compile(source, f"<quant_gemv_kernel {fmt} block={block} cols={cols}>", "exec"), namespace)
     kernel = dpex.kernel(namespace["quant_gemv_kernel"])

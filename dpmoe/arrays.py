@@ -113,9 +113,24 @@ def host_view(d: Any) -> np.ndarray | None:
     return np.frombuffer(buffer, dtype=d.dtype).reshape(d.shape)
 
 
-def as_words(d: Any) -> Any:
-    """A uint16 device array seen as uint32 words (pairs), or None when it does not pair up."""
+def as_words(d: Any, dtype: Any = np.uint32) -> Any:
+    """A 1-D device array seen as wider unsigned words (uint16 pairs as uint32 by default;
+    uint64 for four 16-bit or two float32 elements), or None when it does not divide
+    into whole, aligned words."""
+    per_word = np.dtype(dtype).itemsize // d.dtype.itemsize
+    if per_word == 1:
+        return d
     offset = d.get_array()._element_offset
-    if d.size % 2 or offset % 2 or not d.flags.c_contiguous:
+    if d.size % per_word or offset % per_word or not d.flags.c_contiguous:
         return None
-    return view(d, (d.size // 2,), np.uint32, offset // 2)
+    return view(d, (d.size // per_word,), dtype, offset // per_word)
+
+
+def transposed_base(a: Any) -> Any:
+    """The C-contiguous [E, N, K] array that 3-D ``a`` [E, K, N] is a transposed view of
+    (NumPy or dpnp: weights as checkpoints and PyTorch store them, for ``x @ W^T``), or
+    None when ``a`` is not such a view (or is C-contiguous itself)."""
+    if getattr(a, "ndim", 0) != 3 or a.flags.c_contiguous:
+        return None
+    base = a.transpose((0, 2, 1))
+    return base if base.flags.c_contiguous else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import onemkl_host, pages
-from ..arrays import as_words, flat, float_kind, to_device
+from ..arrays import as_words, flat, float_kind, to_device, transposed_base
 from .convert import widen
 from .quantized import QUANT_FORMATS, QuantizedExpertWeights
 
@@ -51,6 +51,17 @@ DEFAULT_OPTIONS = ExpertOptions()
 PACKED_MAX_RATIO = 4
 
 
+def t_unit(kind: str, k_dim: int) -> tuple[int, Any]:
+    """(elements per load, word dtype) of the per-token GEMV over [E, N, K] weights of
+    ``kind``: 64-bit words (4 16-bit or 2 float32 elements) when K divides into them, else
+    single elements."""
+    from ..kernels.numerics import UNIT_ARRAYS
+
+    unit = 2 if kind == "float32" else 4
+    unit = unit if k_dim % unit == 0 else 1
+    return unit, UNIT_ARRAYS[(unit, kind)][0]
+
+
 def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int], matrices: int = 3) -> int:
     """Bytes of the float32 copies of 16-bit weights of ``shape`` (E, H, I), ``matrices``
     of them, that backend ``gemm`` makes (``dpnp.matmul`` has no 16-bit GEMM)."""
@@ -72,6 +83,12 @@ def expert_weights(gate: Any, up: Any, down: Any, kind: str, queue: Any,
 class ExpertWeights:
     """Gate [E, H, I], up [E, H, I] and down [E, I, H] weights on one queue, in storage form.
 
+    Weights given as transposed views of C-contiguous [E, N, K] arrays (gate/up [E, I, H],
+    down [E, H, I]: ``x @ W^T``, as checkpoints and PyTorch store them) are kept in that
+    orientation, not transposed: ``trans`` says so for (gate and up, down), and every GEMM
+    reads them as they lie (the host GEMMs with ``trans_b``, the per-token path with
+    :mod:`dpmoe.kernels.gemv_t`, ``dpnp.matmul`` on transposed views).
+
     The portable grouped path needs float32 matrices for ``dpnp.matmul``; 16-bit weights
     are widened on first use. oneMKL's host bf16 GEMM (bf16 on a CPU device) needs nothing,
     but reused weights run 2-3x faster packed. ``persistent`` (a layer that reuses its
@@ -81,11 +98,17 @@ class ExpertWeights:
     quantized = False
 
     def __init__(self, gate: Any, up: Any, down: Any, kind: str, queue: Any, persistent: bool):
-        self.up, self.down = (to_device(w, queue) for w in (up, down))
         # non-gated experts pass up as gate: one device copy (and one of each derived form)
         # serves both, and the grouped path skips the gate product
         self.gated = gate is not up
-        self.gate = to_device(gate, queue) if self.gated else self.up
+        first = (gate, up) if self.gated else (up,)
+        bases = [transposed_base(w) for w in first]
+        trans_first = all(b is not None for b in bases)
+        down_base = transposed_base(down)
+        self.trans = (trans_first, down_base is not None)
+        stored = [to_device(b if trans_first else w, queue) for b, w in zip(bases, first)]
+        self.gate, self.up = (stored[0], stored[-1])
+        self.down = to_device(down if down_base is None else down_base, queue)
         self.kind = kind
         self.persistent = persistent
         if persistent:  # weights read for many calls: worth moving onto huge pages now
@@ -98,15 +121,17 @@ class ExpertWeights:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(E, H, I)."""
-        return tuple(self.gate.shape)
+        num_experts, rows, cols = self.up.shape
+        return (num_experts, cols, rows) if self.trans[0] else (num_experts, rows, cols)
 
     @property
     def queue(self) -> Any:
         return self.gate.sycl_queue
 
     def gemv_operands(self) -> tuple[tuple[Any, Any, int], tuple[Any, Any, int]]:
-        """((gate, up, cols), (down, down, cols)) flat, as the per-token kernels read them:
-        16-bit rows of even length as uint32 words (two columns per load, cols = 2)."""
+        """((gate, up, unit), (down, down, unit)) flat, as the per-token kernels read them.
+        [E, K, N] weights: 16-bit rows of even length as uint32 words (two columns per load,
+        unit = 2). [E, N, K] weights (``trans``): as :func:`t_unit` says."""
         if self._gemv is None:
             def pairable(w: Any) -> tuple[Any, int]:
                 line = flat(w)
@@ -117,12 +142,20 @@ class ExpertWeights:
                 words = as_words(line)
                 return (line, 1) if words is None else (words, 2)
 
-            (gate, cols_g), (up, cols_u) = pairable(self.gate), pairable(self.up)
-            if cols_g != cols_u:
-                (gate, _), (up, _) = (flat(self.gate), 1), (flat(self.up), 1)
-                cols_g = 1
-            down, cols_d = pairable(self.down)
-            self._gemv = ((gate, up, cols_g), (down, down, cols_d))
+            def stage(a: Any, b: Any, trans: bool) -> tuple[Any, Any, int]:
+                if trans:
+                    unit, dtype = t_unit(self.kind, a.shape[-1])
+                    words = [as_words(flat(w), dtype) for w in (a, b)]
+                    if all(w is not None for w in words):
+                        return (*words, unit)
+                    return flat(a), flat(b), 1
+                (wa, unit_a), (wb, unit_b) = pairable(a), pairable(b)
+                if unit_a != unit_b:
+                    return flat(a), flat(b), 1
+                return wa, wb, unit_a
+
+            self._gemv = (stage(self.gate, self.up, self.trans[0]),
+                          stage(self.down, self.down, self.trans[1]))
         return self._gemv
 
     def derived_bytes(self, gemm: str) -> int:
@@ -153,16 +186,20 @@ class ExpertWeights:
         if self._packed is None:
             num_experts, hidden, inter = self.shape
             self.queue.wait()
-            up, down = (
-                [onemkl_host.pack(flat(w), e * hidden * inter, n, k) for e in range(num_experts)]
-                for w, n, k in ((self.up, inter, hidden), (self.down, hidden, inter)))
-            gate = up if not self.gated else [onemkl_host.pack(flat(self.gate), e * hidden * inter,
-                                                               inter, hidden)
-                                              for e in range(num_experts)]
+            trans_first, trans_down = self.trans
+
+            def pack(w: Any, n: int, k: int, trans: bool) -> list:
+                return [onemkl_host.pack(flat(w), e * hidden * inter, n, k, trans)
+                        for e in range(num_experts)]
+
+            up, down = pack(self.up, inter, hidden, trans_first), pack(self.down, hidden, inter,
+                                                                        trans_down)
+            gate = pack(self.gate, inter, hidden, trans_first) if self.gated else up
             self._packed = (gate, up, down)
         return self._packed
 
     def float32(self) -> tuple[Any, Any, Any]:
+        """(gate, up, down) as float32, in their stored orientation (see ``trans``)."""
         if self._float32 is not None:
             return self._float32
         # kept for the object's life: a call's chunks widen once (a layer's: once for good)

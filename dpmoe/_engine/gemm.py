@@ -93,11 +93,15 @@ def expert_matmul_host(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b:
     return outs
 
 
-def expert_matmul(rows: Any, stacks: tuple, layout: GroupedLayout) -> list:
-    """float32 rows [n_rows, K] times each of the float32 ``stacks`` ([E, K, N] weights) in
-    ``layout``, through ``dpnp.matmul`` -> one [n_rows, N] per stack."""
+def expert_matmul(rows: Any, stacks: tuple, layout: GroupedLayout, trans_b: bool = False
+                  ) -> list:
+    """float32 rows [n_rows, K] times each of the float32 ``stacks`` ([E, K, N] weights,
+    [E, N, K] with ``trans_b``) in ``layout``, through ``dpnp.matmul`` -> one [n_rows, N]
+    per stack."""
     outs = []
     for weights in stacks:
+        if trans_b:  # dpnp.matmul reads the transposed view in place (oneMKL's trans flag)
+            weights = weights.transpose((0, 2, 1))
         n_cols = weights.shape[2]
         out = empty((layout.n_rows, n_cols), "float32", rows.sycl_queue)
         if layout.rows_per_expert:

@@ -68,6 +68,7 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         return (products[0], products[-1])
 
     first = slice(0 if experts.gated else 1, 2)  # which of gate, up the first GEMMs compute
+    trans_first, trans_down = experts.trans
     names = ("gate", "up")[first]
     if experts.quantized:
         kind = "bfloat16" if bf16 else "float32"
@@ -86,26 +87,28 @@ def run_grouped(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeights
         packed = experts.packed() if several else None  # single rows read weights in place
         rows, a_rows = token_rows("bfloat16")
         gate, up = gate_and_up(expert_matmul_host(
-            rows, (experts.gate, experts.up)[first], layout, packed=packed and packed[first],
-            a_rows=a_rows, names=names, buffers=buffers))
+            rows, (experts.gate, experts.up)[first], layout, trans_first,
+            packed=packed and packed[first], a_rows=a_rows, names=names, buffers=buffers))
         act = intermediate(buffers, "act", (layout.n_rows, inter), "bfloat16", queue)
         activate(gate, up, act)
-        (down,) = expert_matmul_host(act, (experts.down,), layout, packed=packed and packed[2:],
-                                     names=("down",), buffers=buffers)
+        (down,) = expert_matmul_host(act, (experts.down,), layout, trans_down,
+                                     packed=packed and packed[2:], names=("down",),
+                                     buffers=buffers)
     else:
         gate_w, up_w, down_w = experts.float32()
         rows, a_rows = token_rows("float32")
         if host:
             gate, up = gate_and_up(expert_matmul_host(rows, (gate_w, up_w)[first], layout,
-                                                      a_rows=a_rows, names=names,
+                                                      trans_first, a_rows=a_rows, names=names,
                                                       buffers=buffers))
             activate(gate, up, gate)
-            (down,) = expert_matmul_host(gate, (down_w,), layout, names=("down",),
+            (down,) = expert_matmul_host(gate, (down_w,), layout, trans_down, names=("down",),
                                          buffers=buffers)
         else:
-            gate, up = gate_and_up(expert_matmul(rows, (gate_w, up_w)[first], layout))
+            gate, up = gate_and_up(expert_matmul(rows, (gate_w, up_w)[first], layout,
+                                                 trans_first))
             activate(gate, up, gate)
-            (down,) = expert_matmul(gate, (down_w,), layout)
+            (down,) = expert_matmul(gate, (down_w,), layout, trans_down)
     weighted_sum(down, "float32", layout.row_of_slot, weights, ids, out, out_kind, top_k,
                  renormalize, options.down_bias, options.down_bias_kind, scale=options.scale)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..arrays import empty, flat, to_host
-from ..kernels.sizes import splits
+from ..arrays import as_words, empty, flat, to_host
+from ..kernels.sizes import gemv_parts
 from ..pages import upload
 from .experts import ExpertOptions, ExpertWeights
 from .metadata import plan_blocks
@@ -27,6 +27,8 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
                   out_kind: str, options: ExpertOptions, buffers: Any) -> None:
     """One chunk, arguments as :func:`dpmoe._engine.grouped.run_grouped` (no workspace)."""
     from ..kernels.gemv import make_block_gemv_kernel, make_finish_gate_up_kernel
+    from ..kernels.gemv_t import make_block_gemv_t_kernel
+    from ..kernels.numerics import UNIT_ARRAYS
 
     num_experts, hidden, inter = experts.shape
     queue = x.sycl_queue
@@ -54,22 +56,34 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
 
         def gemv(in_kind: str, two: bool, by_token: bool, down: bool = False) -> Any:
             cols = cols_d if down else cols_gu
+            if experts.trans[down]:
+                return make_block_gemv_t_kernel(in_kind, experts.kind, block, cols, two,
+                                                by_token)
             return make_block_gemv_kernel(in_kind, experts.kind, block, cols, two, by_token)
     if n_pos == 0:  # every slot's expert lives on another device
         weighted_sum(empty((1,), "float32", queue), "float32", row_of_slot, weights, ids, out,
                      out_kind, top_k, renormalize, scale=options.scale)
         return
 
-    partial = empty((splits(hidden) * n_pos * 2 * inter,), "float32", queue)
-    gemv(x_kind, True, True)(flat(x), *gate_up, slot_of_pos, block_expert, partial, hidden,
+    inp = flat(x)
+    if experts.trans[0]:  # the tokens are read in the weights' units (see gemv_operands)
+        inp = as_words(inp, UNIT_ARRAYS[(cols_gu, x_kind)][0])
+        if inp is None:  # a chunk at an offset that splits a word: single elements
+            inp, gate_up, cols_gu = flat(x), (flat(experts.gate), flat(experts.up)), 1
+    parts_gu = gemv_parts(hidden, experts.trans[0])
+    partial = empty((parts_gu * n_pos * 2 * inter,), "float32", queue)
+    gemv(x_kind, True, True)(inp, *gate_up, slot_of_pos, block_expert, partial, hidden,
                              inter, top_k, n_slots, *scale_grid_gu)
     act = empty((n_pos * inter,), "float32", queue)
     make_finish_gate_up_kernel(options.activation, options.bias_kind)(
-        partial, act, inter, hidden, n_pos, block, block_expert, options)
+        partial, act, inter, parts_gu, n_pos, block, block_expert, options)
 
-    partial = empty((splits(inter) * n_pos * hidden,), "float32", queue)
+    parts_d = gemv_parts(inter, experts.trans[1])
+    if experts.trans[1]:
+        act = as_words(act, UNIT_ARRAYS[(cols_d, "float32")][0])
+    partial = empty((parts_d * n_pos * hidden,), "float32", queue)
     gemv("float32", False, False, down=True)(act, *down_ops, slot_of_pos, block_expert, partial,
                                              inter, hidden, top_k, n_slots, *scale_grid_d)
     weighted_sum(partial, "float32", row_of_slot, weights, ids, out, out_kind, top_k, renormalize,
-                 options.down_bias, options.down_bias_kind, n_parts=splits(inter), part_rows=n_pos,
+                 options.down_bias, options.down_bias_kind, n_parts=parts_d, part_rows=n_pos,
                  scale=options.scale)

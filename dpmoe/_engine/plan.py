@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import memory, tuning
-from ..kernels.sizes import splits
+from ..kernels.sizes import T_LANES, splits
 from .gemm import host_gemm_kind
 from .metadata import DEFAULT_BLOCK_SIZE, alignment_bytes, max_grouped_rows, max_positions
 from .quantized import QUANT_FORMATS, dequant_group
@@ -70,7 +70,9 @@ def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, 
     ids = 4 * n_slots * 3  # ids, weights, metadata: int32/float32 per slot
     if path == "per_token":
         n_pos = max_positions(n_slots, num_experts, PER_TOKEN_BLOCK)
-        per_pos = 4 * (splits(hidden) * 2 * inter + inter + splits(inter) * hidden)
+        # partials: split-K chunks or lanes, whichever the weights' orientation makes
+        per_pos = 4 * (max(splits(hidden), T_LANES) * 2 * inter + inter
+                       + max(splits(inter), T_LANES) * hidden)
         return ids + 4 * n_pos + n_pos * per_pos
     dequantized = 0
     if w_kind in QUANT_FORMATS:  # a group of experts' gate and up (then down) at a time

@@ -35,6 +35,7 @@ class QuantizedExpertWeights:
     of one format, copied to ``queue`` (data as bytes, scales as given)."""
 
     quantized = True
+    trans = (False, False)  # always dpmoe's [E, K, N] (the checkpoint constructors transpose)
 
     def __init__(self, gate: Any, up: Any, down: Any, queue: Any, persistent: bool):
         self.kind = gate.format

@@ -179,7 +179,7 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
 
 @lru_cache(maxsize=None)
 def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
-    """Sums the split-K partials of gate and up and applies the gated activation (with the
+    """Sums the ``n_parts`` partials of gate and up and applies the gated activation (with the
     block's expert's biases when ``bias_kind`` is given)."""
     from .activation import ACTIVATION_FUNCTIONS
 
@@ -216,12 +216,12 @@ def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
             u += load_bias(up_bias, at)
         act[pos * inter + col] = act_mul(g, u, alpha, limit)
 
-    def launch(partial, act, inter, n_rows, n_pos, block, block_expert, options):
+    def launch(partial, act, inter, n_parts, n_pos, block, block_expert, options):
         biased = options.gate_bias is not None
         call(
             finish_gate_up_kernel, dpex.Range(inter, n_pos), partial, act, block_expert,
             options.gate_bias if biased else partial, options.up_bias if biased else partial,
-            inter, splits(n_rows), n_pos, block, np.float32(options.alpha),
+            inter, n_parts, n_pos, block, np.float32(options.alpha),
             np.float32(options.limit),
         )
 

@@ -1,0 +1,118 @@
+"""Block GEMVs over expert matrices stored [E, N, K]: ``x @ W^T``, as checkpoints keep them.
+
+The companion of :mod:`dpmoe.kernels.gemv` (weights [E, K, N]) for weights used in the
+orientation they were loaded in, so that loading a layer is a copy, not a transpose.
+
+Each output n is a dot product along row n of W, a contiguous run of K elements. A row is
+read by LANES neighbouring work-items (the vector lanes of the CPU device), lane l taking
+units l, l + LANES, ... of the row, a unit being the elements of one 64-bit word (4
+16-bit or 2 float32 elements; single elements when K or the input's offset does not allow
+words). Each lane's sum is written out as a partial (part = lane), and the partials are
+summed in lane order by the same kernels that sum split-K partials: the order depends only
+on K, so the path stays batch invariant.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import numba_dpex as dpex
+
+from .gemv import kernel_namespace
+from .launch import call
+from .numerics import unit_loader
+from .sizes import T_LANES
+
+# Work-items per row (the partials each output gets). 16 matches AVX-512's float lanes;
+# 8 measured 1.8x slower.
+LANES = T_LANES
+# Rows per work-group: 4-64 measured the same.
+ROWS_PER_GROUP = 8
+
+_KERNEL_TEMPLATE = """
+def block_gemv_t_kernel(
+    nd, inp, w_a, w_b, slot_of_pos, block_expert, partial,
+    n_units, n_out, top_k, n_slots, n_tiles, n_pos,
+):
+    lane = nd.get_local_id(0)
+    g = nd.get_group().get_group_id(1)
+    tile = g % n_tiles
+    blk = g // n_tiles
+    n = tile * nd.get_local_range(1) + nd.get_local_id(1)
+    expert = block_expert[blk]
+{init}
+    if n < n_out:
+        w_row = (expert * n_out + n) * n_units
+        full = n_units - n_units % LANES
+        for start in range(0, full, LANES):
+            u = start + lane
+{body}
+        u = full + lane
+        if u < n_units:
+{tail}
+        part = lane * n_pos + blk * BLOCK
+{store}
+"""
+
+
+def _source(block: int, per_unit: int, two: bool) -> str:
+    """Kernel source with named accumulators (see :func:`dpmoe.kernels.gemv._block_gemv_source`
+    for why not an array): two per (slot, matrix), even and odd elements of a unit, so that
+    consecutive multiply-adds do not wait on each other."""
+    names = [f"w{i}" for i in range(per_unit)]
+    mats = ("a", "b") if two else ("a",)
+    init, body, store = [], [], []
+    for m in mats:
+        loaded = ", ".join(f"{m}{v}" for v in names)
+        body.append(f"{loaded} = load_w(w_{m}, w_row + u)")
+    for r in range(block):
+        init += [f"    acc{r}{m}{p} = ZERO" for m in mats for p in (0, 1)]
+        init += [
+            f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
+            f"    src{r} = 0",  # an empty position computes on row 0 (never read)
+            f"    if slot{r} < n_slots:",
+            f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
+        ]
+        xs = ", ".join(f"x{r}_{i}" for i in range(per_unit))
+        body.append(f"{xs} = load_x(inp, src{r} * n_units + u)")
+        for m in mats:
+            for p in (0, 1):
+                terms = [f"x{r}_{i} * {m}w{i}" for i in range(p, per_unit, 2)]
+                if terms:
+                    body.append(f"acc{r}{m}{p} += " + " + ".join(terms))
+        for i, m in enumerate(mats):
+            store.append(f"        partial[((part + {r}) * WIDTH + {i}) * n_out + n] = "
+                         f"acc{r}{m}0 + acc{r}{m}1")
+    return _KERNEL_TEMPLATE.format(
+        init="\n".join(init), body="\n".join(" " * 12 + line for line in body),
+        tail="\n".join(" " * 12 + line for line in body), store="\n".join(store))
+
+
+@lru_cache(maxsize=None)
+def make_block_gemv_t_kernel(in_kind: str, w_kind: str, block: int, per_unit: int,
+                             two_matrices: bool, rows_by_token: bool):
+    """Partial products of input rows with expert matrices [E, N, K], one per lane.
+
+    Arguments of the launcher: ``inp`` the input rows [*, K] and ``w_a``, ``w_b`` the
+    matrices, all flat and seen as :data:`dpmoe.kernels.numerics.UNIT_ARRAYS` says for
+    ``per_unit`` and their kind (``w_b`` read only when ``two_matrices``); ``slot_of_pos``,
+    ``block_expert``, ``n_slots``, ``top_k``, ``rows_by_token`` as
+    :func:`dpmoe.kernels.gemv.make_block_gemv_kernel`; OUT ``partial``
+    (LANES * n_pos * width * N) float32; ``k_dim``, ``n_out`` = K, N.
+    """
+    namespace = dict(kernel_namespace(in_kind, block, per_unit, two_matrices, rows_by_token),
+                     load_w=unit_loader(per_unit, w_kind), load_x=unit_loader(per_unit, in_kind),
+                     LANES=LANES)
+    source = _source(block, per_unit, two_matrices)
+    exec(compile(source, f"<block_gemv_t_kernel block={block} unit={per_unit}>", "exec"),
+         namespace)
+    kernel = dpex.kernel(namespace["block_gemv_t_kernel"])
+
+    def launch(inp, w_a, w_b, slot_of_pos, block_expert, partial, k_dim, n_out, top_k, n_slots):
+        n_blocks = block_expert.shape[0]
+        n_tiles = -(-n_out // ROWS_PER_GROUP)
+        grid = dpex.NdRange(dpex.Range(LANES, n_blocks * n_tiles * ROWS_PER_GROUP),
+                            dpex.Range(LANES, ROWS_PER_GROUP))
+        call(kernel, grid, inp, w_a, w_b, slot_of_pos, block_expert, partial,
+             k_dim // per_unit, n_out, top_k, n_slots, n_tiles, n_blocks * block)
+
+    return launch

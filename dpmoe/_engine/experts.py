@@ -52,14 +52,14 @@ PACKED_MAX_RATIO = 4
 
 
 def t_unit(kind: str, k_dim: int) -> tuple[int, Any]:
-    """(elements per load, word dtype) of the per-token GEMV over [E, N, K] weights of
-    ``kind``: 64-bit words (4 16-bit or 2 float32 elements) when K divides into them, else
-    single elements."""
+    """(elements per load, array dtype) of the per-token GEMV over [E, N, K] weights of
+    ``kind``: units of 4 elements read as 64-bit words (one for 16-bit kinds, two for
+    float32; 2-element float32 units and single float32 elements measured 4-20% slower)
+    when K divides into them, else single elements."""
     from ..kernels.numerics import UNIT_ARRAYS
 
-    unit = 2 if kind == "float32" else 4
-    unit = unit if k_dim % unit == 0 else 1
-    return unit, UNIT_ARRAYS[(unit, kind)][0]
+    unit = 4 if k_dim % 4 == 0 else 1
+    return unit, UNIT_ARRAYS[(unit, kind)]
 
 
 def widened_bytes(gemm: str, kind: str, shape: tuple[int, int, int], matrices: int = 3) -> int:

@@ -67,7 +67,7 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
 
     inp = flat(x)
     if experts.trans[0]:  # the tokens are read in the weights' units (see gemv_operands)
-        inp = as_words(inp, UNIT_ARRAYS[(cols_gu, x_kind)][0])
+        inp = as_words(inp, UNIT_ARRAYS[(cols_gu, x_kind)])
         if inp is None:  # a chunk at an offset that splits a word: single elements
             inp, gate_up, cols_gu = flat(x), (flat(experts.gate), flat(experts.up)), 1
     parts_gu = gemv_parts(hidden, experts.trans[0])
@@ -80,7 +80,7 @@ def run_per_token(plan: ExecutionPlan, x: Any, x_kind: str, experts: ExpertWeigh
 
     parts_d = gemv_parts(inter, experts.trans[1])
     if experts.trans[1]:
-        act = as_words(act, UNIT_ARRAYS[(cols_d, "float32")][0])
+        act = as_words(act, UNIT_ARRAYS[(cols_d, "float32")])
     partial = empty((parts_d * n_pos * hidden,), "float32", queue)
     gemv("float32", False, False, down=True)(act, *down_ops, slot_of_pos, block_expert, partial,
                                              inter, hidden, top_k, n_slots, *scale_grid_d)

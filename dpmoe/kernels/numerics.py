@@ -164,7 +164,7 @@ def load_pair_float16(words, i):
 
 # Unit loaders for weights stored [N, K] (the reduction along a row): neighbouring work-items
 # read neighbouring 64-bit words of one row, which measured 12.7 GB/s in a bf16 GEMV
-# against 5.5 for 32-bit words and 0.2 when each item's elements were strided.
+# against 5.5 for 32-bit words.
 @dpex.device_func
 def _low_half(w):
     return np.uint32(w & np.uint64(0xFFFFFFFF))
@@ -196,24 +196,14 @@ def load_quad_float32(words, i):
             _bits_as_f32(_low_half(b)), _bits_as_f32(_high_half(b)))
 
 
-@dpex.device_func
-def load_wide_pair_float32(words, i):
-    w = words[i]
-    return _bits_as_f32(_low_half(w)), _bits_as_f32(_high_half(w))
-
-
 _UNIT_LOADERS = {
     (4, "bfloat16"): load_quad_bfloat16, (4, "float16"): load_quad_float16,
-    (4, "float32"): load_quad_float32, (2, "float32"): load_wide_pair_float32,
-    (2, "bfloat16"): load_pair_bfloat16, (2, "float16"): load_pair_float16,
-    (1, "float32"): load_float32, (1, "bfloat16"): load_bfloat16, (1, "float16"): load_float16,
+    (4, "float32"): load_quad_float32, (1, "float32"): load_float32, (1, "bfloat16"): load_bfloat16, (1, "float16"): load_float16,
 }
-# what element index i of a unit loader reads: (array dtype, elements per array item)
+# the array dtype each unit loader reads
 UNIT_ARRAYS = {
-    (4, "bfloat16"): (np.uint64, 4), (4, "float16"): (np.uint64, 4),
-    (4, "float32"): (np.uint64, 2), (2, "float32"): (np.uint64, 2),
-    (2, "bfloat16"): (np.uint32, 2), (2, "float16"): (np.uint32, 2),
-    (1, "float32"): (np.float32, 1), (1, "bfloat16"): (np.uint16, 1), (1, "float16"): (np.uint16, 1),
+    (4, "bfloat16"): np.uint64, (4, "float16"): np.uint64, (4, "float32"): np.uint64,
+    (1, "float32"): np.float32, (1, "bfloat16"): np.uint16, (1, "float16"): np.uint16,
 }
 
 

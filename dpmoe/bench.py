@@ -334,14 +334,20 @@ class Workload:
     """One (config, dtype): host weights and a ``MoELayer`` holding them on the device,
     built once and reused for every token count (as a served model would)."""
 
-    def __init__(self, config: str, dtype: str) -> None:
+    def __init__(self, config: str, dtype: str, layout: str = "x@W") -> None:
         from . import MoELayer
 
-        self.config, self.dtype = config, dtype
+        self.config, self.dtype, self.layout = config, dtype, layout
         self.hidden, self.inter, self.experts, self.top_k = MODEL_CONFIGS[config]
         self.weights = make_weights(config, dtype)
         w = self.weights
-        self.layer = MoELayer.from_numpy(w["router"], w["gate"], w["up"], w["down"],
+
+        def stored(a: Any) -> Any:  # x@W^T: each matrix [out, in], as checkpoints keep them
+            if layout == "x@W" or dtype in quant.FORMATS:
+                return a
+            return np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)
+
+        self.layer = MoELayer.from_numpy(w["router"], *(stored(w[k]) for k in ("gate", "up", "down")),
                                          top_k=self.top_k, renormalize=False)
         self.queue = self.layer.queue
         self._torch_weights = None
@@ -822,7 +828,7 @@ def bench_kernel(test: str, config: str, dtype: str, num_tokens: int, repeats: i
 
 # ---------------------------------------------------------------------------- output
 
-TABLE_COLUMNS = ("config", "dtype", "tokens", "ranks", "replies", "plan", "dpmoe_ms", "dpmoe_path",
+TABLE_COLUMNS = ("config", "dtype", "layout", "tokens", "ranks", "replies", "plan", "dpmoe_ms", "dpmoe_path",
                  "grouped_ms", "per_token_ms", "torch_ms", "torch_best", "naive_dpnp_ms",
                  "reference_ms", "GFLOPs", "bytes_per_weight", "GBps", "roofline_pct",
                  "speedup_vs_torch", "ipex_ms", "speedup_vs_ipex", "speedup_vs_bf16", "ep_ms",
@@ -891,7 +897,8 @@ def plot(rows: list[dict], path: str | Path, title: str = "", device: str = "") 
     from matplotlib.ticker import NullLocator
 
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    # a panel per dtype (and weight layout, when the run compared them)
+    dtypes = list(dict.fromkeys((r["dtype"], r.get("layout")) for r in rows))
     present = [c for c, _ in PLOT_SERIES if any(c in r.get("stats", {}) for r in rows)]
     if {"grouped_ms", "per_token_ms"} & set(present) and rows[0].get("test") == "moe":
         present.remove("dpmoe_ms")  # the faster of the two paths: already drawn
@@ -907,8 +914,8 @@ def plot(rows: list[dict], path: str | Path, title: str = "", device: str = "") 
     handles = {}
     for (i, config), (j, dtype) in ((a, b) for a in enumerate(configs) for b in enumerate(dtypes)):
         ax = axes[i][j]
-        points = sorted((r for r in rows if r["config"] == config and r["dtype"] == dtype),
-                        key=lambda r: r["tokens"])
+        points = sorted((r for r in rows if r["config"] == config
+                         and (r["dtype"], r.get("layout")) == dtype), key=lambda r: r["tokens"])
         for column in present:
             pts = [r for r in points if column in r.get("stats", {})]
             if not pts:
@@ -923,7 +930,8 @@ def plot(rows: list[dict], path: str | Path, title: str = "", device: str = "") 
         ax.set_yscale("log")
         ax.set_xticks(tokens, [str(t) for t in tokens])
         ax.xaxis.set_minor_locator(NullLocator())  # only the measured token counts
-        ax.set_title(f"{config} ({describe(config)}), {dtype}", fontsize=9)
+        ax.set_title(f"{config} ({describe(config)}), {' '.join(filter(None, dtype))}",
+                     fontsize=9)
         ax.set_xlabel("tokens per call (T)")
         ax.set_ylabel("ms per call")
         ax.grid(True, which="both", alpha=0.3)
@@ -1019,6 +1027,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight and activation dtypes, any of: " + ", ".join(DTYPES)
                              + " (quantized formats with bfloat16 tokens; add bfloat16 for "
                              "their speedup over it)")
+    parser.add_argument("--layout", nargs="+", choices=("x@W", "x@W^T"), default=["x@W"],
+                        help="how the layer's float expert weights lie on the device (moe, "
+                             "overhead): x@W = dpmoe's gate/up [E, H, I], down [E, I, H]; "
+                             "x@W^T = each matrix [out, in], as checkpoints store them and "
+                             "models.from_pretrained keeps them; both: side by side in one "
+                             "run (default: x@W)")
     parser.add_argument("--repeats", type=_positive_int, default=5,
                         help=f"timed calls per measurement, after {WARMUP} warm-up calls; "
                              "times are their median and spread (min-max in the table, all "
@@ -1121,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_load(args)
     torch = _torch()
     machine = machine_description(about["device"], about["filter_string"])
-    points = [(c, d, t) for c in args.config for d in args.dtype for t in args.tokens]
+    points = [(c, d, lay, t) for c in args.config for d in args.dtype for lay in args.layout
+              for t in args.tokens]
     limits = None
     if args.test == "moe":
         from .device import default_queue
@@ -1132,12 +1147,14 @@ def main(argv: list[str] | None = None) -> int:
     work: Workload | None = None
     with warnings.catch_warnings():  # rows say where each plan came from; a note sums it up
         warnings.simplefilter("ignore", DefaultConfigWarning)
-        for config, dtype, tokens in _progress(points, f"bench {args.test}"):
+        for config, dtype, layout, tokens in _progress(points, f"bench {args.test}"):
             if args.test in ("moe", "overhead") and (
-                    work is None or (work.config, work.dtype) != (config, dtype)):
+                    work is None or (work.config, work.dtype, work.layout) != (config, dtype, layout)):
                 work = None  # free the previous layer's device memory first
-                work = Workload(config, dtype)
+                work = Workload(config, dtype, layout)
             rows.append(_measure(args, work, config, dtype, tokens, limits, torch))
+            if work is not None and args.layout != ["x@W"]:
+                rows[-1]["layout"] = layout
     work = None
     peer_notes = add_peers(rows, args) if args.peers and args.test == "moe" else []
 

@@ -20,7 +20,7 @@ from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
 from ._engine.quantized import QUANT_FORMATS
 from .arrays import to_device
-from .device import default_queue, is_device_array
+from .device import default_queue, dpnp, is_device_array
 
 
 def fused_moe_forward(
@@ -168,16 +168,15 @@ def fused_experts(
             grouped.
         device: where NumPy inputs run.
 
-    The weights are converted to dpmoe's layout (:func:`dpmoe.layouts.from_w13`) on every
-    call, a copy of all expert weights; a model that reuses them should convert once (or
-    build an :class:`dpmoe.MoELayer`) and call :func:`fused_moe_forward`.
+    Every call copies gate and up out of ``w13`` (rows, not a transpose); ``w2`` is read
+    where it lies. The experts run in this ``x @ W^T`` orientation (see the README's
+    weight orientation). A model that reuses its weights should build an
+    :class:`dpmoe.MoELayer` once (from ``layouts.from_w13`` or from transposed views).
 
     Quantized ``w13``/``w2`` are :class:`dpmoe.quant.QuantizedExperts`, which always hold
     dpmoe's [E, K, N] layout (their checkpoint constructors transpose): ``w13`` (E, H, 2I),
     ``w2`` (E, I, H); ``w13`` is split into gate and up by columns.
     """
-    from .layouts import from_w13
-
     if validation.quantized(w13) or validation.quantized(w2):
         gate, up, down = _split_quantized(w13, w2, activation)
         num_experts, width = w13.shape[0], w13.shape[2]
@@ -190,11 +189,10 @@ def fused_experts(
         validation.expert_ids("topk_ids", topk_ids, tuple(topk_ids.shape),
                               validation.expert_map(expert_map, w13.shape[0]))
         validation.routing_weights("topk_weights", topk_weights, tuple(topk_ids.shape))
-        # the conversion copies every weight where it lies (host or device): it must fit first
+        # gate and up are copied out of w13 where it lies (host or device): they must fit
         where = w13.sycl_queue if is_device_array(w13) else None
-        memory.check_fits(where, "fused_experts",
-                          {"weights converted to dpmoe's layout": w13.nbytes + w2.nbytes})
-        gate, up, down = from_w13(w13, w2, interleaved=activation == "swigluoai")
+        memory.check_fits(where, "fused_experts", {"gate and up copied out of w13": w13.nbytes})
+        gate, up, down = _split_w13(w13, w2, interleaved=activation == "swigluoai")
         num_experts, width = w13.shape[0], w13.shape[1]
     gate_bias = up_bias = None
     if b13 is not None:
@@ -208,6 +206,19 @@ def fused_experts(
         activation=activation, gate_bias=gate_bias, up_bias=up_bias, down_bias=b2,
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map, path=path,
         device=device)
+
+
+def _split_w13(w13: Any, w2: Any, interleaved: bool) -> tuple[Any, Any, Any]:
+    """gate, up [E, H, I] and down [E, I, H] as transposed views of w13's halves (copied
+    out, contiguous: the rows alternate gate, up when ``interleaved``) and of ``w2``."""
+    validation.shape("w2", w2, (w13.shape[0], w13.shape[2], w13.shape[1] // 2), "[E, H, I]")
+    if w13.shape[1] % 2:
+        raise ValueError(f"w13 must have shape [E, 2I, H] with an even 2I, got {tuple(w13.shape)}")
+    inter = w13.shape[1] // 2
+    halves = (w13[:, ::2], w13[:, 1::2]) if interleaved else (w13[:, :inter], w13[:, inter:])
+    contiguous = dpnp.ascontiguousarray if is_device_array(w13) else np.ascontiguousarray
+    gate, up = (contiguous(h) for h in halves)
+    return (gate.transpose((0, 2, 1)), up.transpose((0, 2, 1)), w2.transpose((0, 2, 1)))
 
 
 def _split_quantized(w13: Any, w2: Any, activation: str) -> tuple[Any, Any, Any]:

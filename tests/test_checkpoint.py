@@ -151,8 +151,9 @@ def test_building_a_large_layer_holds_at_most_one_expert_matrix_on_the_host(tmp_
     finally:
         tracemalloc.stop()
     assert host_peak <= matrix, (host_peak, matrix)
-    if layer.device is not None:  # the experts once, copied as stored
+    if layer.device is not None:  # the experts once, copied as stored and kept so
         assert sum(device) <= expert_bytes + 1e6, (sum(device), expert_bytes)
+        assert layer._experts.trans == (True, True)
     x = rng.standard_normal((3, hidden)).astype(ml_dtypes.bfloat16)
     want = layer.reference(x).astype(np.float32)
     got = layer(x).astype(np.float32)

@@ -1,7 +1,8 @@
 """The per-token path: block GEMVs that read each routed expert's weights in place.
 
 Slots routed to the same expert are grouped into blocks of PER_TOKEN_BLOCK slots, so an
-expert's weights are read once per block; the gate/up GEMV writes split-K partials, a
+expert's weights are read once per block; the gate/up GEMV writes partial sums (split-K
+chunks for [E, K, N] weights, one per lane for [E, N, K] ones, see ExpertWeights.trans), a
 kernel sums them and applies the activation, the down GEMV writes its partials, and the
 reduction kernel sums those per token in slot order (batch invariant: a token's bits do
 not depend on the other tokens).

@@ -130,7 +130,7 @@ def transposed_base(a: Any) -> Any:
     """The C-contiguous [E, N, K] array that 3-D ``a`` [E, K, N] is a transposed view of
     (NumPy or dpnp: weights as checkpoints and PyTorch store them, for ``x @ W^T``), or
     None when ``a`` is not such a view (or is C-contiguous itself)."""
-    if getattr(a, "ndim", 0) != 3 or a.flags.c_contiguous:
+    if getattr(a, "ndim", 0) != 3 or not hasattr(a, "flags") or a.flags.c_contiguous:
         return None
     base = a.transpose((0, 2, 1))
     return base if base.flags.c_contiguous else None

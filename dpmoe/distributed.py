@@ -398,12 +398,12 @@ class ExpertParallelMoE(MoELayer):
         path = validation.execution_path(path)
         if self.queue is None:
             return None
-        shape = self._experts.shape
+        shape, trans = self._experts.shape, self._experts.trans
         if path != "auto":
-            return choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, path)
+            return choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, path, trans)
         auto = choose(self.queue, -(-num_tokens // self.top_k), shape, self.top_k, x_kind,
-                      self.kind, path)
-        plan = choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, auto.path)
+                      self.kind, path, trans)
+        plan = choose(self.queue, num_tokens, shape, 1, x_kind, self.kind, auto.path, trans)
         return dataclasses.replace(plan, source=auto.source)
 
     def _forward(self, hidden_states: Any, routing: tuple | None, path: str,
@@ -454,7 +454,8 @@ class ExpertParallelMoE(MoELayer):
         """MemoryError, before the ranks agree, when one received row's intermediates would
         exceed the chunk budget on a path this rank's experts may take (whatever arrives)."""
         for candidate in ("grouped", "per_token") if path == "auto" else (path,):
-            plan = choose(self.queue, 1, self._experts.shape, 1, kind, self.kind, candidate)
+            plan = choose(self.queue, 1, self._experts.shape, 1, kind, self.kind, candidate,
+                          self._experts.trans)
             forward.check_memory(plan, self.queue, "ExpertParallelMoE")
 
     def _dispatch_and_combine(self, x: Any, x32: Any, kind: str, as_numpy: bool, weights: Any,

@@ -15,7 +15,7 @@ import numpy as np
 from . import memory, reference, validation
 from ._dispatch import call, host, write_back
 from ._engine import forward
-from ._engine.experts import ExpertOptions, expert_weights, widened_bytes
+from ._engine.experts import ExpertOptions, expert_weights, orientation, widened_bytes
 from ._engine.metadata import local_ids
 from ._engine.plan import ExecutionPlan, choose
 from ._engine.quantized import QUANT_FORMATS
@@ -114,7 +114,7 @@ def fused_moe_forward(
 
     def on_device(queue: Any) -> Any:
         plan = choose(queue, num_tokens, (num_experts, hidden, inter), top_k, x_kind, w_kind,
-                      path)
+                      path, orientation(gate_weights, up_weights, down_weights))
         on_host = [a for a in (gate_weights, up_weights, down_weights, gate_bias, up_bias,
                                down_bias) if a is not None and not is_device_array(a)]
         forward.check_memory(

@@ -328,9 +328,9 @@ class MoELayer:
             return None
         if self.weights_on_input:  # each slot's row is a token of its own, routed to one expert
             return choose(self.queue, num_tokens * self.top_k, self._experts.shape, 1, x_kind,
-                          self.kind, path)
+                          self.kind, path, self._experts.trans)
         return choose(self.queue, num_tokens, self._experts.shape, self.top_k, x_kind,
-                      self.kind, path)
+                      self.kind, path, self._experts.trans)
 
     def tokens_kind(self, hidden_dtype: Any = None) -> str:
         """The storage kind of tokens of ``hidden_dtype``; None: the weights' (bfloat16 for
@@ -454,7 +454,7 @@ class MoELayer:
             derived_weights=self._experts.derived_bytes(plan.gemm))
         if shared and self._shared is not None:
             shared_plan = choose(self.queue, num_tokens, self._shared.shape, 1, kind, self._shared.kind,
-                                 plan.path)
+                                 plan.path, self._shared.trans)
             parts["shared_expert_intermediates"] = shared_plan.chunk_bytes
             parts["shared_derived_weights"] = self._shared.derived_bytes(shared_plan.gemm)
         forward.check_memory(plan, self.queue, "MoELayer", **parts)

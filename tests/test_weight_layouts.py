@@ -131,3 +131,26 @@ def test_fused_moe_forward_keeps_dpnp_weights_as_they_lie(rng):
         got = dpmoe.fused_moe_forward(to_dpnp(x), *device, to_dpnp(weights), to_dpnp(ids), 2,
                                       False, use_grouped_topk=grouped)
         assert_close(dpmoe.arrays.to_host(got), want)
+
+
+@needs_device
+def test_per_token_allocations_of_transposed_weights_fit_their_plan(rng, monkeypatch):
+    """The lanes' partial sums (16 per output) are in the plan's estimate, which chunks
+    the call to the budget."""
+    from dpmoe import memory
+
+    budget = 512 << 10
+    monkeypatch.setenv("DPMOE_MAX_INTERMEDIATE_BYTES", str(budget))
+    layer, _ = layer_of(rng, 4, 256, 64, 2, np.float32)
+    tokens = 40
+    plan = layer.plan(tokens, path="per_token")
+    assert plan.trans == (True, True) and 1 <= plan.chunk_tokens < tokens
+    x = normal(rng, (tokens, 256))
+    weights, ids = routing(rng, tokens, 4, 2)
+    dpmoe.workspace.clear()
+    with memory.track_allocations() as sizes:
+        got = layer.experts(x, weights, ids, path="per_token")
+    chunks = -(-tokens // plan.chunk_tokens)
+    assert max(sizes) <= budget
+    assert sum(sizes) <= tokens * 256 * 4 * 2 + chunks * plan.chunk_bytes, (sum(sizes), plan)
+    assert_close(got, experts_reference(layer, x, weights, ids))

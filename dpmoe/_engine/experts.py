@@ -51,6 +51,13 @@ DEFAULT_OPTIONS = ExpertOptions()
 PACKED_MAX_RATIO = 4
 
 
+def orientation(gate: Any, up: Any, down: Any) -> tuple[bool, bool]:
+    """Whether (gate and up, down) are transposed views of C-contiguous [E, N, K] arrays,
+    which :class:`ExpertWeights` keeps as they lie (quantized containers: never)."""
+    first = all(transposed_base(w) is not None for w in (gate, up))
+    return (first, transposed_base(down) is not None)
+
+
 def t_unit(kind: str, k_dim: int) -> tuple[int, Any]:
     """(elements per load, array dtype) of the per-token GEMV over [E, N, K] weights of
     ``kind``: units of 4 elements read as 64-bit words (one for 16-bit kinds, two for
@@ -101,14 +108,11 @@ class ExpertWeights:
         # non-gated experts pass up as gate: one device copy (and one of each derived form)
         # serves both, and the grouped path skips the gate product
         self.gated = gate is not up
+        self.trans = orientation(gate, up, down)
         first = (gate, up) if self.gated else (up,)
-        bases = [transposed_base(w) for w in first]
-        trans_first = all(b is not None for b in bases)
-        down_base = transposed_base(down)
-        self.trans = (trans_first, down_base is not None)
-        stored = [to_device(b if trans_first else w, queue) for b, w in zip(bases, first)]
+        stored = [to_device(transposed_base(w) if self.trans[0] else w, queue) for w in first]
         self.gate, self.up = (stored[0], stored[-1])
-        self.down = to_device(down if down_base is None else down_base, queue)
+        self.down = to_device(transposed_base(down) if self.trans[1] else down, queue)
         self.kind = kind
         self.persistent = persistent
         if persistent:  # weights read for many calls: worth moving onto huge pages now

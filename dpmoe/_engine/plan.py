@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import memory, tuning
-from ..kernels.sizes import T_LANES, splits
+from ..kernels.sizes import gemv_parts
 from .gemm import host_gemm_kind
 from .metadata import DEFAULT_BLOCK_SIZE, alignment_bytes, max_grouped_rows, max_positions
 from .quantized import QUANT_FORMATS, dequant_group
@@ -47,10 +47,12 @@ class ExecutionPlan:
     budget: int  # the chunk budget it was sized for
     shape: tuple = field(default=(0, 0, 0, 0))  # (E, H, I, top_k)
     kinds: tuple = field(default=("float32", "float32"))  # (tokens, weights)
+    trans: tuple = field(default=(False, False))  # ExpertWeights.trans: [E, N, K] weights
 
     def intermediate_bytes(self, num_tokens: int) -> int:
         """Bytes of the intermediates a chunk of ``num_tokens`` tokens allocates."""
-        return intermediate_bytes(self.path, self.gemm, num_tokens, *self.shape, *self.kinds)
+        return intermediate_bytes(self.path, self.gemm, num_tokens, *self.shape, *self.kinds,
+                                  self.trans)
 
     def __str__(self) -> str:
         chunks = -(-self.num_tokens // self.chunk_tokens) if self.chunk_tokens else 0
@@ -62,17 +64,18 @@ class ExecutionPlan:
 
 
 def intermediate_bytes(path: str, gemm: str, num_tokens: int, num_experts: int, hidden: int,
-                       inter: int, top_k: int, x_kind: str, w_kind: str) -> int:
-    """Upper bound of what the runners allocate for ``num_tokens`` tokens, by buffer."""
+                       inter: int, top_k: int, x_kind: str, w_kind: str,
+                       trans: tuple = (False, False)) -> int:
+    """Upper bound of what the runners allocate for ``num_tokens`` tokens, by buffer
+    (``trans``: the orientation of gate/up and down, see ExpertWeights.trans)."""
     n_slots = num_tokens * top_k
     if n_slots == 0:
         return 0
     ids = 4 * n_slots * 3  # ids, weights, metadata: int32/float32 per slot
     if path == "per_token":
         n_pos = max_positions(n_slots, num_experts, PER_TOKEN_BLOCK)
-        # partials: split-K chunks or lanes, whichever the weights' orientation makes
-        per_pos = 4 * (max(splits(hidden), T_LANES) * 2 * inter + inter
-                       + max(splits(inter), T_LANES) * hidden)
+        per_pos = 4 * (gemv_parts(hidden, trans[0]) * 2 * inter + inter
+                       + gemv_parts(inter, trans[1]) * hidden)
         return ids + 4 * n_pos + n_pos * per_pos
     dequantized = 0
     if w_kind in QUANT_FORMATS:  # a group of experts' gate and up (then down) at a time
@@ -102,9 +105,10 @@ def _largest_chunk(path: str, gemm: str, num_tokens: int, sizes: tuple, budget: 
 
 
 def choose(queue: Any, num_tokens: int, shape: tuple[int, int, int], top_k: int, x_kind: str,
-           w_kind: str, path: str = "auto") -> ExecutionPlan:
+           w_kind: str, path: str = "auto", trans: tuple = (False, False)) -> ExecutionPlan:
     """The plan for ``num_tokens`` tokens of ``x_kind`` through experts of ``shape``
-    (E, H, I) in ``w_kind`` on ``queue``; ``path`` "auto" asks the tuned config."""
+    (E, H, I) in ``w_kind`` on ``queue`` (stored as ``trans`` says, see
+    ExpertWeights.trans); ``path`` "auto" asks the tuned config."""
     num_experts, hidden, inter = shape
     host = host_gemm_kind(queue, x_kind, w_kind)
     quantized = w_kind in QUANT_FORMATS
@@ -129,9 +133,9 @@ def choose(queue: Any, num_tokens: int, shape: tuple[int, int, int], top_k: int,
         gemm = "dpnp.matmul"
         layout = (f"rows stacked per expert, or per-expert blocks of {DEFAULT_BLOCK_SIZE} when "
                   "stacking would more than double them")
-    sizes = (num_experts, hidden, inter, top_k, x_kind, w_kind)
+    sizes = (num_experts, hidden, inter, top_k, x_kind, w_kind, tuple(trans))
     budget = memory.intermediate_budget()
     chunk = _largest_chunk(path, gemm, num_tokens, sizes, budget)
     return ExecutionPlan(path, gemm, layout, source, num_tokens, chunk,
                          intermediate_bytes(path, gemm, chunk, *sizes), budget,
-                         (num_experts, hidden, inter, top_k), (x_kind, w_kind))
+                         (num_experts, hidden, inter, top_k), (x_kind, w_kind), tuple(trans))

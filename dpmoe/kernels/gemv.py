@@ -80,6 +80,18 @@ def block_gemv_kernel(
 """
 
 
+def slot_source(r: int) -> list[str]:
+    """Kernel source lines giving block position ``r`` its slot (``slot{r}``) and input row
+    (``src{r}``), for the generated GEMVs of this module, the quantized and the [N, K] ones."""
+    return [
+        f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
+        # an empty position computes on row 0 (never read): no branch in the hot loop
+        f"    src{r} = 0",
+        f"    if slot{r} < n_slots:",
+        f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
+    ]
+
+
 def _block_gemv_source(block: int) -> str:
     """Kernel source with one named accumulator per (slot, column, matrix) of the block.
 
@@ -88,14 +100,8 @@ def _block_gemv_source(block: int) -> str:
     """
     init, accumulate, store = [], [], []
     for r in range(block):
-        init += [
-            f"    acc{r}a0 = ZERO", f"    acc{r}a1 = ZERO", f"    acc{r}b0 = ZERO", f"    acc{r}b1 = ZERO",
-            f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
-            # an empty position computes on row 0 (never read): no branch in the hot loop
-            f"    src{r} = 0",
-            f"    if slot{r} < n_slots:",
-            f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
-        ]
+        init += [f"    acc{r}a0 = ZERO", f"    acc{r}a1 = ZERO", f"    acc{r}b0 = ZERO",
+                 f"    acc{r}b1 = ZERO"] + slot_source(r)
         accumulate += [
             f"                x{r} = load_in(inp, src{r} * n_rows + h)",
             f"                acc{r}a0 += x{r} * a0",

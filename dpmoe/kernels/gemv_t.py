@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numba_dpex as dpex
 
-from .gemv import kernel_namespace
+from .gemv import kernel_namespace, slot_source
 from .launch import call
 from .numerics import unit_loader
 from .sizes import T_LANES
@@ -70,13 +70,7 @@ def _source(block: int, per_unit: int, two: bool, rows: int) -> str:
             loaded = ", ".join(f"{m}{j}w{i}" for i in range(per_unit))
             body.append(f"{loaded} = load_w(w_{m}, w{j} + u)")
     for r in range(block):
-        init += [f"    acc{r}{m}{j} = ZERO" for m in mats for j in range(rows)]
-        init += [
-            f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
-            f"    src{r} = 0",  # an empty position computes on row 0 (never read)
-            f"    if slot{r} < n_slots:",
-            f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
-        ]
+        init += [f"    acc{r}{m}{j} = ZERO" for m in mats for j in range(rows)] + slot_source(r)
         xs = ", ".join(f"x{r}_{i}" for i in range(per_unit))
         body.append(f"{xs} = load_x(inp, src{r} * n_units + u)")
         for m in mats:

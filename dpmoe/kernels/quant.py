@@ -22,7 +22,7 @@ import numpy as np
 import numba_dpex as dpex
 from numba_dpex import kernel_api as kapi
 
-from .gemv import GRID_PROLOGUE, kernel_namespace, split_k_grid
+from .gemv import GRID_PROLOGUE, kernel_namespace, slot_source, split_k_grid
 from .launch import call
 from .numerics import bits_as_f32, f32_as_bits, storer
 
@@ -114,13 +114,7 @@ def _gemv_source(fmt: str, block: int, cols: int, two: bool) -> str:
     loads = [f"                w{m}{j} = np.uint32(w_{m}[at + {j}])" for m in mats
              for j in range(words)]
     for r in range(block):
-        init += [f"    acc{r}{m}{c} = ZERO" for m in mats for c in range(cols)]
-        init += [
-            f"    slot{r} = slot_of_pos[blk * BLOCK + {r}]",
-            f"    src{r} = 0",  # an empty position computes on row 0 (never read)
-            f"    if slot{r} < n_slots:",
-            f"        src{r} = slot{r} // top_k if BY_TOKEN else blk * BLOCK + {r}",
-        ]
+        init += [f"    acc{r}{m}{c} = ZERO" for m in mats for c in range(cols)] + slot_source(r)
     if fmt == "fp8_block":  # one scale per 128 x 128 block; a chunk of rows stays in one
         for m in mats:
             chunk.append(f"            s{m} = s_{m}[(expert * n_srows + base // {FP8_BLOCK}) "

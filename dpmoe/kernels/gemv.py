@@ -23,7 +23,7 @@ from numba_dpex import kernel_api as kapi
 
 from .launch import call
 
-from .numerics import loader, pair_loader
+from .numerics import loader, pair_loader, unit_loader
 from .sizes import ROWS_PER_SPLIT, splits
 
 # Rows each work-group streams between two barriers; more rows amortise the barrier, fewer
@@ -31,17 +31,6 @@ from .sizes import ROWS_PER_SPLIT, splits
 ROWS_PER_BARRIER = 8
 # Widest work-group used; 1024 and 4096 measured the same, 64-256 were 2-4x slower.
 MAX_GROUP_SIZE = 1024
-
-
-@lru_cache(maxsize=None)
-def _single_loader(kind: str):
-    load = loader(kind)
-
-    @dpex.device_func
-    def load_one(a, i):
-        return load(a, i), np.float32(0.0)
-
-    return load_one
 
 
 # Where a work-item sits in the grid of (block, split-K chunk, column tile) work-groups,
@@ -70,8 +59,6 @@ def block_gemv_kernel(
         if live:
             for h in range(base, min(base + ROWS_PER_BARRIER, last)):
                 w_off = (expert * n_rows + h) * n_units + unit
-                a0, a1 = load_w(w_a, w_off)
-                b0, b1 = load_w(w_b, w_off) if TWO else (ZERO, ZERO)
 {accumulate}
         group_barrier(nd.get_group())
     if live:
@@ -92,33 +79,25 @@ def slot_source(r: int) -> list[str]:
     ]
 
 
-def _block_gemv_source(block: int) -> str:
+def _block_gemv_source(block: int, cols: int, two: bool) -> str:
     """Kernel source with one named accumulator per (slot, column, matrix) of the block.
 
     Accumulators indexed at run time (PrivateArray) stay in memory and ran 3-5x slower
     than named scalars, which the compiler keeps in registers; so the source is generated.
     """
+    mats = ("a", "b") if two else ("a",)
     init, accumulate, store = [], [], []
+    for m in mats:
+        accumulate.append(f"                {', '.join(f'{m}{c}' for c in range(cols))}"
+                          f" = load_w(w_{m}, w_off)")
     for r in range(block):
-        init += [f"    acc{r}a0 = ZERO", f"    acc{r}a1 = ZERO", f"    acc{r}b0 = ZERO",
-                 f"    acc{r}b1 = ZERO"] + slot_source(r)
-        accumulate += [
-            f"                x{r} = load_in(inp, src{r} * n_rows + h)",
-            f"                acc{r}a0 += x{r} * a0",
-            f"                acc{r}a1 += x{r} * a1",
-            f"                acc{r}b0 += x{r} * b0",
-            f"                acc{r}b1 += x{r} * b1",
-        ]
-        store += [
-            f"        out = ((split * n_pos) + blk * BLOCK + {r}) * WIDTH * n_cols + col",
-            f"        partial[out] = acc{r}a0",
-            "        if COLS == 2:",
-            f"            partial[out + 1] = acc{r}a1",
-            "        if TWO:",
-            f"            partial[out + n_cols] = acc{r}b0",
-            "            if COLS == 2:",
-            f"                partial[out + n_cols + 1] = acc{r}b1",
-        ]
+        init += [f"    acc{r}{m}{c} = ZERO" for m in mats for c in range(cols)] + slot_source(r)
+        accumulate.append(f"                x{r} = load_in(inp, src{r} * n_rows + h)")
+        accumulate += [f"                acc{r}{m}{c} += x{r} * {m}{c}"
+                       for m in mats for c in range(cols)]
+        store.append(f"        out = ((split * n_pos) + blk * BLOCK + {r}) * WIDTH * n_cols + col")
+        store += [f"        partial[out + {i} * n_cols + {c}] = acc{r}{m}{c}"
+                  for i, m in enumerate(mats) for c in range(cols)]
     return _KERNEL_TEMPLATE.format(init="\n".join(init), accumulate="\n".join(accumulate),
                                    store="\n".join(store))
 
@@ -159,16 +138,18 @@ def make_block_gemv_kernel(in_kind: str, w_kind: str, block: int, cols: int,
     """Partial products of input rows with expert matrices [E, R, N], per row chunk.
 
     Arguments of the kernel: ``inp`` input rows (any float kind); ``w_a``, ``w_b`` the
-    matrices (``w_b`` read only when ``two_matrices``; pairs: 16-bit as E*R*N/2 uint32
-    words); ``slot_of_pos`` (n_pos) int32 slot at each block position, ``n_slots`` when
-    empty; ``block_expert`` (n_blocks) int32; OUT ``partial`` (n_splits * n_pos * width * N)
-    float32. ``cols`` is 2 when N is even (pairs of columns per work-item), else 1.
+    matrices (``w_b`` read only when ``two_matrices``), seen as words of ``cols`` columns
+    per work-item: 4 (16-bit kinds as uint64 words), 2 (pairs: float32, or 16-bit as
+    uint32 words) or 1; ``slot_of_pos`` (n_pos) int32 slot at each block position,
+    ``n_slots`` when empty; ``block_expert`` (n_blocks) int32; OUT ``partial`` (n_splits *
+    n_pos * width * N) float32.
     ``rows_by_token``: a slot's input row is its token's (gate/up), else its block position's
     (down, whose input is the activation).
     """
     namespace = dict(kernel_namespace(in_kind, block, cols, two_matrices, rows_by_token),
-                     load_w=pair_loader(w_kind) if cols == 2 else _single_loader(w_kind))
-    exec(compile(_block_gemv_source(block), f"<block_gemv_kernel block={block}>", "exec"), namespace)
+                     load_w=pair_loader(w_kind) if cols == 2 else unit_loader(cols, w_kind))
+    source = _block_gemv_source(block, cols, two_matrices)
+    exec(compile(source, f"<block_gemv_kernel block={block} cols={cols}>", "exec"), namespace)
     block_gemv_kernel = dpex.kernel(namespace["block_gemv_kernel"])
 
     def launch(inp, w_a, w_b, slot_of_pos, block_expert, partial, n_rows, n_cols, top_k, n_slots):

@@ -17,7 +17,9 @@ fused ``experts.gate_up_proj`` [E, 2I, H] with ``experts.down_proj`` [E, H, I] (
 ``x @ W`` form [E, H, 2I] / [E, I, H] of GPT-OSS and Llama 4), Granite's ``input_linear`` /
 ``output_linear``, DBRX's flat ``w1`` / ``v1`` / ``w2`` [E * I, H]; quantized checkpoints as
 they are stored (GPT-OSS MXFP4 ``*_blocks`` / ``*_scales``, DeepSeek-V3 FP8 with
-``weight_scale_inv``; :mod:`dpmoe.quant`).
+``weight_scale_inv``; :mod:`dpmoe.quant`). Float experts keep the orientation they are
+stored in (``[out, in]`` matrices become the layer's ``x @ W^T`` weights, copied, never
+transposed: see the README's weight orientation).
 """
 
 from __future__ import annotations

@@ -80,17 +80,17 @@ GEMM_PROBE = (8, 1024, 2048, 1024)  # batch, M, K, N
 
 
 def sample_times(fn: Callable[[], Any], repeats: int, warmup: int = WARMUP,
-                 teardown: Callable[[Any], None] | None = None) -> list[float]:
+                 teardown: Callable[[], None] | None = None) -> list[float]:
     """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones;
-    ``teardown(result)``, untimed, after each call."""
+    each call's result is dropped and ``teardown()`` run, untimed, before the next."""
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
         result = fn()
         elapsed = time.perf_counter() - start
-        if teardown is not None:
-            teardown(result)
         del result
+        if teardown is not None:
+            teardown()
         if i >= warmup:
             times.append(elapsed)
     return times
@@ -664,21 +664,17 @@ def bench_load(folder: Path, layer: int, repeats: int, label: dict) -> dict:
                     kept.append(buffer)
         return kept
 
-    def load() -> list:
+    def load() -> Any:
         built = models.from_pretrained(folder, layer)
         if built.queue is not None:
             built.queue.wait()
-        return [built]
-
-    def free(held: list) -> None:  # freeing the layer is not part of loading it
-        held.clear()
-        gc.collect()
+        return built  # freed outside the timing: freeing is not part of loading
 
     row = dict(label, test="load", MB=total / 1e6)
     read = record(row, "read_ms", sample_times(plain_read, repeats))
     record(row, "read_kept_ms", sample_times(lambda: plain_read(keep=True), repeats,
-                                             teardown=free))
-    built = record(row, "load_ms", sample_times(load, repeats, teardown=free))
+                                             teardown=gc.collect))
+    built = record(row, "load_ms", sample_times(load, repeats, teardown=gc.collect))
     row["read_GBps"] = total / read / 1e6
     row["load_GBps"] = total / built / 1e6
     row["load_vs_read_pct"] = 100 * read / built

@@ -49,6 +49,7 @@ import numpy as np
 
 from . import info, quant, reference
 from .configs import MODEL_CONFIGS, describe
+from .peers import PEERS
 from .arrays import HOST_DTYPE, to_device
 from .tuning import PATHS, DefaultConfigWarning, user_config_dir
 
@@ -721,14 +722,14 @@ def add_peers(rows: list[dict], args: argparse.Namespace) -> list[str]:
     from . import peers
 
     notes = []
-    groups = dict.fromkeys((r["config"], r["dtype"]) for r in rows
-                           if r["dtype"] in ("float32", "bfloat16"))
+    runs = set().union(*(peers.DTYPES.get(peer, ()) for peer in args.peers))
+    groups = dict.fromkeys((r["config"], r["dtype"]) for r in rows if r["dtype"] in runs)
     for config, dtype in _progress(list(groups), "peers"):
         weights = make_weights(config, dtype)
         mine = {r["tokens"]: r for r in rows if (r["config"], r["dtype"]) == (config, dtype)}
         token_counts = sorted(set(mine) | {peers.CHECK_TOKENS})
         inputs = {t: make_inputs(config, dtype, t) for t in token_counts}
-        for peer in args.peers:
+        for peer in (p for p in args.peers if dtype in peers.DTYPES.get(p, ())):
             result = peers.run(peer, weights, inputs, dtype, args.repeats, WARMUP)
             if "error" in result:
                 notes.append(f"peer {peer}, {config} {dtype}: {result['error']}")
@@ -1046,12 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replies", nargs="+", default=["float32"], choices=["float32", "tokens"],
                         help="--test ep: the dtype expert outputs travel back in (float32: "
                              "bit-identical to one process; tokens: the tokens' dtype)")
-    parser.add_argument("--peers", nargs="+", default=[], metavar="PEER",
+    parser.add_argument("--peers", nargs="+", default=[], metavar="PEER", choices=list(PEERS),
                         help="also time these peers, each in its own virtual environment "
-                             "(dpmoe.peers: ipex = IPEX 2.8's fused_experts for bf16, "
-                             "GatedMLPMOE for float32; pytorch = a plain PyTorch loop), on the same "
-                             "weights, tokens and routings, after checking each against the "
-                             "reference at T=16 (--test moe, float32 and bfloat16)")
+                             "(dpmoe.peers: ipex = IPEX 2.8's fused_experts for bf16 and, "
+                             "weight-only, for int8, GatedMLPMOE for float32; pytorch = a plain "
+                             "PyTorch loop, float32 and bf16), on the same weights, tokens and "
+                             "routings, after checking each against the reference at T=16 "
+                             "(--test moe)")
     parser.add_argument("--setup-peers", nargs="+", default=[], metavar="PEER",
                         help="create the peers' virtual environments (under DPMOE_PEERS_DIR, "
                              "default ~/.cache/dpmoe/peers) and exit")

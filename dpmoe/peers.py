@@ -29,9 +29,15 @@ PEERS: dict[str, list[str]] = {
     "ipex": ["torch==2.8.*", "intel-extension-for-pytorch==2.8.0", "numpy", "psutil"],
     "pytorch": [],
 }
+# the weight dtypes (dpmoe's names) each peer runs; int8 = dpmoe.quant's "int8" experts
+# with bf16 tokens, handed over as codes and per-column scales (IPEX: its weight-only int8
+# MoE; pytorch: the loop on the weights dequantised to bf16)
+DTYPES: dict[str, tuple[str, ...]] = {"ipex": ("float32", "bfloat16", "int8"),
+                                      "pytorch": ("float32", "bfloat16", "int8")}
 CHECK_TOKENS = 16
 # largest |peer - reference| over the reference's largest magnitude that passes the check
-CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+# (int8 runs bf16 tokens)
+CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "int8": 2e-2}
 WORKER = Path(__file__).with_name("peer_worker.py")
 
 
@@ -65,9 +71,23 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == BFLOAT16 else a
 
 
+def _weight_arrays(weights: dict) -> dict[str, np.ndarray]:
+    """gate/up/down as the worker reads them: float arrays (bf16 as bits), or a quantized
+    container's ``<name>_codes`` and ``<name>_scales``."""
+    arrays = {}
+    for name in ("gate", "up", "down"):
+        w = weights[name]
+        if getattr(w, "quantized", False):
+            arrays[f"{name}_codes"], arrays[f"{name}_scales"] = w.data, w.scales
+        else:
+            arrays[name] = _bits(w)
+    return arrays
+
+
 def run(peer: str, weights: dict, inputs: dict[int, dict], dtype: str, repeats: int,
         warmup: int, timeout: float = 1800.0) -> dict:
-    """Times ``peer`` on ``weights`` (gate/up/down host arrays) for each token count of
+    """Times ``peer`` on ``weights`` (gate/up/down host arrays, or ``dpmoe.quant`` containers
+    for a quantized ``dtype`` of :data:`DTYPES`) for each token count of
     ``inputs`` ({T: make_inputs(...)}, T = 16 among them for the check). Returns {"version",
     "check_error", "passed", "seconds": {T: [...]}} or {"error": text} when the peer's
     environment is missing or its worker failed."""
@@ -77,7 +97,7 @@ def run(peer: str, weights: dict, inputs: dict[int, dict], dtype: str, repeats: 
                          f"python -m dpmoe.bench --setup-peers {peer})"}
     with tempfile.TemporaryDirectory(prefix=f"dpmoe-peer-{peer}-") as scratch:
         folder = Path(scratch)
-        np.savez(folder / "weights.npz", **{k: _bits(weights[k]) for k in ("gate", "up", "down")})
+        np.savez(folder / "weights.npz", **_weight_arrays(weights))
         points = []
         for tokens, p in inputs.items():
             arrays = {"x": _bits(p["x"])}

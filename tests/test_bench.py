@@ -217,3 +217,30 @@ def test_peers_run_in_their_own_interpreter_checked_against_the_reference(tmp_pa
     monkeypatch.setenv("DPMOE_PEERS_DIR", str(tmp_path / "none"))
     assert bench.main(argv[:-4] + ["--peers", "ipex", "--json", str(out)]) == 0
     assert "python -m dpmoe.bench --setup-peers ipex" in capsys.readouterr().out
+
+
+@needs_device
+def test_a_peer_gets_int8_experts_as_codes_and_scales(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    from dpmoe import peers
+
+    out = tmp_path / "rows.json"
+    argv = ["--config", "tiny", "--tokens", "1", "--dtype", "int8", "--repeats", "1",
+            "--peers", "pytorch", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert re.search(r"peer pytorch .* tiny int8: check at T=16 passed", capsys.readouterr().out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["pytorch_ms"] > 0 and row["speedup_vs_pytorch"] > 0
+    # the check compares with the reference on the same codes and scales: a worker handed
+    # down scales off by 2x fails it and is not timed
+    written = peers._weight_arrays
+
+    def doubled_down_scales(weights):
+        arrays = written(weights)
+        arrays["down_scales"] = arrays["down_scales"] * 2
+        return arrays
+    monkeypatch.setattr(peers, "_weight_arrays", doubled_down_scales)
+    assert bench.main(argv) == 0
+    assert "peer pytorch, tiny int8: FAILED the check at T=16" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "pytorch_ms" not in row

@@ -23,7 +23,7 @@ from numba_dpex import kernel_api as kapi
 
 from .launch import call
 
-from .numerics import loader, pair_loader, unit_loader
+from .numerics import ix, loader, pair_loader, unit_loader
 from .sizes import ROWS_PER_SPLIT, splits
 
 # Rows each work-group streams between two barriers; more rows amortise the barrier, fewer
@@ -195,13 +195,13 @@ def make_finish_gate_up_kernel(activation: str, bias_kind: str | None):
         u = np.float32(0.0)
         for s in range(n_splits):
             base = (s * n_pos + pos) * 2 * inter + col
-            g += partial[base]
-            u += partial[base + inter]
+            g += partial[ix(base)]
+            u += partial[ix(base + inter)]
         if has_bias:
             at = block_expert[pos // block] * inter + col
             g += load_bias(gate_bias, at)
             u += load_bias(up_bias, at)
-        act[pos * inter + col] = act_mul(g, u, alpha, limit)
+        act[ix(pos * inter + col)] = act_mul(g, u, alpha, limit)
 
     def launch(partial, act, inter, n_parts, n_pos, block, block_expert, options):
         biased = options.gate_bias is not None

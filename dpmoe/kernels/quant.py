@@ -10,10 +10,10 @@ Formats, in dpmoe's [E, K, N] layout (K the reduction dimension):
 Bytes are read four at a time as uint32 words (four neighbouring columns, and for mxfp4
 two rows of them) when N allows, so the loads vectorise like the 16-bit path's, and decoded
 in registers with integer operations (a 16-entry table for e2m1, read by a gather per
-value, measured 10-15% slower). ROWS_PER_BARRIER (8) divides both 32 and 128, so a chunk of
-rows never straddles an mxfp4 or fp8 scale block. The per-token GEMV multiplies the decoded weights into float32
-accumulators, never writing a dequantised weight; the grouped path dequantises a group of
-experts at a time into a reused buffer for the GEMMs (:func:`make_dequantize_kernel`).
+value, measured 10-15% slower). The per-token GEMV multiplies the decoded weights into
+float32 accumulators, never writing a dequantised weight; the grouped path dequantises a
+group of experts at a time into a reused buffer for the GEMMs
+(:func:`make_dequantize_kernel`).
 """
 
 from functools import lru_cache
@@ -24,7 +24,7 @@ from numba_dpex import kernel_api as kapi
 
 from .gemv import GRID_PROLOGUE, kernel_namespace, slot_source, split_k_grid
 from .launch import call
-from .numerics import bits_as_f32, f32_as_bits, storer
+from .numerics import bits_as_f32, f32_as_bits, ix, storer
 
 FP8_BLOCK = 128  # fp8_block's scale blocks are 128 x 128
 MX_BLOCK = 32  # mxfp4's scale blocks are 32 values along K
@@ -66,6 +66,12 @@ def e8m0_value(byte):
         return np.float32(2.0 ** -127)
     return bits_as_f32(np.uint32(b << np.uint32(23)))
 
+
+# Rows between two group barriers of the quantized GEMV: 4 for one code per byte (OLMoE
+# decode, int8 5.8 -> 5.1 ms, fp8_block 7.7 -> 7.0 against 8), 8 for mxfp4, whose loop
+# steps two rows at a time (4: 7.9 -> 13 ms). Both divide 32 and 128, so a chunk of rows
+# never straddles a scale block.
+QUANT_ROWS_PER_BARRIER = {"int8": 4, "fp8_block": 4, "mxfp4": 8}
 
 # Columns a work-item takes per row, as uint32 words: more columns per row spread a row's
 # loop overhead over more weights (olmoe-sized decode, int8: 16 columns 1.3x faster than 4,
@@ -111,7 +117,7 @@ def _gemv_source(fmt: str, block: int, cols: int, two: bool) -> str:
     mats = ("a", "b") if two else ("a",)
     words = max(1, cols // 4)
     init, chunk, accumulate, store = [], [], [], []
-    loads = [f"                w{m}{j} = np.uint32(w_{m}[at + {j}])" for m in mats
+    loads = [f"                w{m}{j} = np.uint32(w_{m}[ix(at + {j})])" for m in mats
              for j in range(words)]
     for r in range(block):
         init += [f"    acc{r}{m}{c} = ZERO" for m in mats for c in range(cols)] + slot_source(r)
@@ -169,7 +175,8 @@ def make_quant_gemv_kernel(fmt: str, in_kind: str, block: int, cols: int, two_ma
     uint8."""
     namespace = dict(kernel_namespace(in_kind, block, cols, two_matrices, rows_by_token),
                      int8_value=int8_value, fp8_value=fp8_value, fp4_value=fp4_value,
-                     e8m0_value=e8m0_value, STEP=2 if fmt == "mxfp4" else 1,
+                     e8m0_value=e8m0_value, ix=ix, STEP=2 if fmt == "mxfp4" else 1,
+                     ROWS_PER_BARRIER=QUANT_ROWS_PER_BARRIER[fmt],
                      WORDS=max(1, cols // 4))
     source = _gemv_source(fmt, block, cols, two_matrices)
     exec(compile(source, f"<quant_gemv_kernel {fmt} block={block} cols={cols}>", "exec"), namespace)
@@ -235,24 +242,24 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
         if is_int8:
             if not int8_scaled:  # codes only: the GEMM's columns are scaled afterwards
                 return int8_value(byte)
-            return int8_value(byte) * scales[e * n_cols + n]
+            return int8_value(byte) * scales[ix(e * n_cols + n)]
         if is_fp8:
-            return fp8_value(byte) * scales[(e * n_srows + k // FP8_BLOCK) * n_scols
-                                            + n // FP8_BLOCK]
+            return fp8_value(byte) * scales[ix((e * n_srows + k // FP8_BLOCK) * n_scols
+                                               + n // FP8_BLOCK)]
         return fp4_value(byte) * e8m0_value(
-            np.uint32(scales[(e * n_srows + k // MX_BLOCK) * n_cols + n]))
+            np.uint32(scales[ix((e * n_srows + k // MX_BLOCK) * n_cols + n)]))
 
     @dpex.device_func
     def put_row(out, at, v0, v1, v2, v3):
         """Four neighbouring results from element ``at`` (a multiple of 4)."""
         if bf16:
-            out[at // 2] = bf16_bits(v0) | (bf16_bits(v1) << np.uint32(16))
-            out[at // 2 + 1] = bf16_bits(v2) | (bf16_bits(v3) << np.uint32(16))
+            out[ix(at // 2)] = bf16_bits(v0) | (bf16_bits(v1) << np.uint32(16))
+            out[ix(at // 2 + 1)] = bf16_bits(v2) | (bf16_bits(v3) << np.uint32(16))
         else:
-            out[at] = v0
-            out[at + 1] = v1
-            out[at + 2] = v2
-            out[at + 3] = v3
+            out[ix(at)] = v0
+            out[ix(at + 1)] = v1
+            out[ix(at + 2)] = v2
+            out[ix(at + 3)] = v3
 
     @dpex.kernel
     def dequantize_words_kernel(item: kapi.Item, w, scales, experts, out, n_rows, n_cols,
@@ -262,7 +269,7 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
         g = item.get_id(2)
         e = experts[g]
         step = 2 if mx else 1
-        word = np.uint32(w[(e * (n_rows // step) + row) * (n_cols // 4) + u])
+        word = np.uint32(w[ix((e * (n_rows // step) + row) * (n_cols // 4) + u)])
         k = row * step
         n = u * 4
         b0, b1 = word, word >> np.uint32(8)
@@ -288,7 +295,7 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
         g = item.get_id(2)
         e = experts[g]
         step = 2 if mx else 1
-        byte = np.uint32(w[(e * (n_rows // step) + row) * n_cols + n])
+        byte = np.uint32(w[ix((e * (n_rows // step) + row) * n_cols + n)])
         k = row * step
         store(out, (g * n_rows + k) * n_cols + n,
               value(byte, k, n, e, scales, n_srows, n_scols, n_cols))

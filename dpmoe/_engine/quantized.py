@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import pages
-from ..arrays import flat, view
+from ..arrays import as_words, flat, view
 from ..pages import upload
 
 QUANT_FORMATS = ("int8", "fp8_block", "mxfp4")
@@ -101,14 +101,16 @@ class QuantizedExpertWeights:
         data, scales, shape, scale_shape = self._parts[which]
         _, n_rows, n_cols = shape
         target = flat(out)
-        # codes read as uint32 words, bf16 results written as pairs of them: 2.4x (int8) and
-        # 1.6x (fp8) faster at olmoe's prefill; mxfp4 ran 2x slower so, and keeps bytes
+        # codes read as uint32 words, bf16 results written as uint64 words: 2.4x (int8) and
+        # 1.6x (fp8) faster at olmoe's prefill than bytes; mxfp4's words (two rows of four
+        # columns) ran 6x slower than its bytes, which it keeps
         words = n_cols % 4 == 0 and self.kind != "mxfp4"
+        if words and out_kind == "bfloat16":
+            target = as_words(target, np.uint64)
+            words = target is not None
+            target = target if words else flat(out)
         if words:
             data = view(data, (data.size // 4,), np.uint32, 0)
-            if out_kind == "bfloat16":
-                target = view(target, (target.size // 2,), np.uint32,
-                              target.get_array()._element_offset // 2)
         fmt = "int8_codes" if codes_only else self.kind
         make_dequantize_kernel(fmt, out_kind, words)(
             data, scales, experts, target, n_rows, n_cols, scale_shape[1],

@@ -213,7 +213,7 @@ def make_scale_columns_kernel():
     def scale_columns_kernel(item: kapi.Item, out, row_expert, scales, n_cols):
         n = item.get_id(0)
         r = item.get_id(1)
-        out[r * n_cols + n] = out[r * n_cols + n] * scales[row_expert[r] * n_cols + n]
+        out[ix(r * n_cols + n)] = out[ix(r * n_cols + n)] * scales[ix(row_expert[r] * n_cols + n)]
 
     def launch(out, row_expert, scales, n_rows, n_cols):
         call(scale_columns_kernel, dpex.Range(n_cols, n_rows), out, row_expert, scales, n_cols)
@@ -227,8 +227,9 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
     value of expert ``experts[g]`` at (k, n), for the grouped path's GEMMs.
 
     ``words`` (N a multiple of 4): one work-item per uint32 word of codes (four columns;
-    for mxfp4 two rows of them), bf16 results written as pairs in uint32 words (16-bit
-    stores vectorise 4x worse); else one work-item per byte, ``w`` as uint8."""
+    for mxfp4 two rows of them), bf16 results written four at a time as uint64 words
+    (``out`` seen so; 16-bit stores vectorise 4x worse, and pairs of uint32 stores became
+    scatters); else one work-item per byte, ``w`` as uint8."""
     store = storer(out_kind)
     mx = fmt == "mxfp4"
     is_fp8 = fmt == "fp8_block"
@@ -252,9 +253,10 @@ def make_dequantize_kernel(fmt: str, out_kind: str, words: bool):
     @dpex.device_func
     def put_row(out, at, v0, v1, v2, v3):
         """Four neighbouring results from element ``at`` (a multiple of 4)."""
-        if bf16:
-            out[ix(at // 2)] = bf16_bits(v0) | (bf16_bits(v1) << np.uint32(16))
-            out[ix(at // 2 + 1)] = bf16_bits(v2) | (bf16_bits(v3) << np.uint32(16))
+        if bf16:  # one 64-bit store per work-item: neighbours' stores form one vector
+            low = bf16_bits(v0) | (bf16_bits(v1) << np.uint32(16))
+            high = bf16_bits(v2) | (bf16_bits(v3) << np.uint32(16))
+            out[ix(at // 4)] = np.uint64(low) | (np.uint64(high) << np.uint64(32))
         else:
             out[ix(at)] = v0
             out[ix(at + 1)] = v1
